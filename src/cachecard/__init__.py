@@ -1,0 +1,21 @@
+"""CacheCard: persistent, shareable LLM KV caches.
+
+The normative format is spec/cachecard-1.md. ``import cachecard`` imports no ML framework; adapters in
+``cachecard.adapters.<framework>`` do.
+"""
+
+from cachecard._version import __version__
+from cachecard.errors import (
+    CacheCardError, CardExistsError, CardNotFoundError, CorruptCardError, FormatVersionError, IdentityMismatchError,
+    IncompleteCardError, KVShapeError, ManifestError, NotACardError, UnsupportedCodecError,
+)
+from cachecard.kv import CanonicalKV
+from cachecard.kvstore import Card, VerifyReport, open_card, read_card, verify_card, write_card
+from cachecard.manifest import CardManifest, LayerKind, ModelIdentity, ParentRef, Rope
+
+__all__ = [
+    "__version__", "CacheCardError", "CardExistsError", "CardNotFoundError", "CorruptCardError",
+    "FormatVersionError", "IdentityMismatchError", "IncompleteCardError", "KVShapeError", "ManifestError",
+    "NotACardError", "UnsupportedCodecError", "CanonicalKV", "Card", "VerifyReport", "open_card", "read_card",
+    "verify_card", "write_card", "CardManifest", "LayerKind", "ModelIdentity", "ParentRef", "Rope",
+]

@@ -1,0 +1,59 @@
+"""Errors raised by CacheCard (spec/cachecard-1.1.md §9, "Errors").
+
+Every error says what was wrong, where (card, part), and what to do. All derive from
+:class:`CacheCardError`, so callers can catch one type.
+"""
+
+from __future__ import annotations
+
+
+class CacheCardError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    def __init__(self, message: str, *, card: str | None = None, part: str | None = None) -> None:
+        self.card = card
+        self.part = part
+        where = ""
+        if card is not None:
+            where = f"card {card!r}" + (f", {part}" if part else "") + ": "
+        super().__init__(where + message)
+
+
+class CardNotFoundError(CacheCardError, FileNotFoundError):
+    """Nothing is stored at the location."""
+
+
+class NotACardError(CacheCardError):
+    """Something is stored there, but it is not a CacheCard (a foreign zarr group or other data)."""
+
+
+class IncompleteCardError(CacheCardError):
+    """Card data without a committed manifest: a write that never finished (an orphan for gc)."""
+
+
+class CardExistsError(CacheCardError, FileExistsError):
+    """A card already exists at the destination; cards are immutable."""
+
+
+class CorruptCardError(CacheCardError):
+    """Stored bytes fail a checksum, are truncated or missing, or disagree with the manifest."""
+
+
+class ManifestError(CacheCardError):
+    """The manifest is not valid under the spec (unknown keys, bad values, implausible shapes)."""
+
+
+class FormatVersionError(CacheCardError):
+    """The card was written in a format major version this reader does not implement."""
+
+
+class UnsupportedCodecError(CacheCardError):
+    """The card names a codec this installation cannot decode (or a writer was asked for an unknown one)."""
+
+
+class IdentityMismatchError(CacheCardError):
+    """The card was made by a different model, tokenizer or layout than the one it is restored into."""
+
+
+class KVShapeError(CacheCardError, ValueError):
+    """KV arrays handed to the writer do not match each other, the tokens or the model identity."""

@@ -1,0 +1,169 @@
+"""The card manifest: pydantic models that are the machine form of spec/cachecard-1.1.md §5.
+
+Models are frozen and reject unknown keys. ``python -m cachecard.manifest`` prints the JSON Schema kept
+in spec/schemas/manifest.schema.json (a test fails if the two drift).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import rfc8785
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+
+from cachecard.kv import KVDType
+
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 1  # the minor this library writes; it reads every minor <= this (spec §8)
+
+# Bounds keep a hostile manifest from declaring absurd shapes (spec §5.6).
+MAX_LAYERS = 1024
+MAX_KV_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_TOKENS = 2**31 - 1
+
+Digest = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}:[0-9a-f]{16,128}$", max_length=161)]
+Name = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+CardId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+CodecName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class LayerKind(_Model):
+    """How a layer attends: over every earlier token, or over a sliding window of them."""
+
+    attention: Literal["full", "sliding"] = "full"
+    window: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _window_iff_sliding(self) -> LayerKind:
+        if (self.attention == "sliding") != (self.window is not None):
+            raise ValueError("'window' is required for sliding layers and forbidden for full ones")
+        return self
+
+
+class Rope(_Model):
+    """Rotary position embedding parameters, as the model applies them before K is cached."""
+
+    theta: float = Field(gt=0)
+    rotary_dim: int = Field(ge=0, le=MAX_HEAD_DIM, description="leading channels of each head rotated")
+    scaling: dict[str, JsonValue] | None = Field(default=None, description="rope scaling, as in the model config")
+
+
+class ModelIdentity(_Model):
+    """Everything a KV cache depends on; restoring into a different identity is refused (spec §6)."""
+
+    name: Name | None = Field(default=None, description="display name; not part of the identity check")
+    architecture: Name
+    num_layers: int = Field(ge=1, le=MAX_LAYERS)
+    num_kv_heads: int = Field(ge=1, le=MAX_KV_HEADS)
+    head_dim: int = Field(ge=1, le=MAX_HEAD_DIM)
+    layer_kinds: tuple[LayerKind, ...]
+    rope: Rope
+    kv_dtype: KVDType
+    weights_hash: Digest
+    tokenizer_hash: Digest
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelIdentity:
+        if len(self.layer_kinds) != self.num_layers:
+            raise ValueError(f"layer_kinds has {len(self.layer_kinds)} entries for {self.num_layers} layers")
+        if self.rope.rotary_dim > self.head_dim or self.rope.rotary_dim % 2:
+            raise ValueError(f"rope.rotary_dim {self.rope.rotary_dim} must be even and <= head_dim")
+        return self
+
+    def mismatches(self, other: ModelIdentity) -> list[str]:
+        """Names and values of identity fields that differ (``name`` is display-only)."""
+        a, b = self.model_dump(exclude={"name"}), other.model_dump(exclude={"name"})
+        return [f"{key}: card has {a[key]!r}, model has {b[key]!r}" for key in a if a[key] != b[key]]
+
+
+class TokenBinding(_Model):
+    """The token ids the KV was computed from; the ids themselves are the ``tokens`` array."""
+
+    count: int = Field(ge=0, le=MAX_TOKENS)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the ids as little-endian int32")
+
+
+class ParentRef(_Model):
+    """This card continues the first ``tokens`` tokens of another card (whose KV it does not repeat)."""
+
+    card_id: CardId
+    tokens: int = Field(ge=1, le=MAX_TOKENS)
+
+
+class Codecs(_Model):
+    """Codec preset names for K and V; the zarr codec pipelines in the arrays are what decodes."""
+
+    k: CodecName
+    v: CodecName
+
+
+class Producer(_Model):
+    library: Name = "cachecard"
+    version: Name
+    runtime: Name | None = Field(default=None, description="e.g. 'transformers 5.23.0'")
+
+
+class CardManifest(_Model):
+    """The root group attribute ``cachecard`` of every card (spec §5)."""
+
+    cachecard_format: Literal[1] = FORMAT_MAJOR
+    format_minor: int = Field(default=FORMAT_MINOR, ge=0)
+    card_id: CardId
+    created: datetime
+    producer: Producer
+    model: ModelIdentity
+    tokens: TokenBinding
+    start_position: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    positions: Literal["contiguous", "explicit"] = "contiguous"
+    parent: ParentRef | None = None
+    k_layout: Literal["post_rope_neox"] = "post_rope_neox"
+    codecs: Codecs
+
+    @field_validator("created")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        if v.tzinfo is None or v.utcoffset() != timezone.utc.utcoffset(None):
+            raise ValueError("'created' must be an ISO 8601 time in UTC")
+        return v
+
+    @model_validator(mode="after")
+    def _parent_offsets(self) -> CardManifest:
+        if self.parent is not None and self.positions == "contiguous" and self.start_position != self.parent.tokens:
+            raise ValueError(
+                f"a card continuing {self.parent.tokens} parent tokens starts at position {self.parent.tokens}, "
+                f"not {self.start_position}"
+            )
+        return self
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def token_digest(tokens: np.ndarray) -> str:
+    """SHA-256 (hex) of token ids as little-endian int32, the binding stored in the manifest."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the manifest's RFC 8785 canonical JSON (spec §7.2): reproducible in any language."""
+    return hashlib.sha256(rfc8785.dumps(manifest)).hexdigest()
+
+
+def json_schema() -> dict[str, Any]:
+    schema = CardManifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://cachecard.dev/spec/schemas/manifest-1.1.json"
+    return schema
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
