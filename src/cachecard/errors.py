@@ -15,7 +15,7 @@ class CacheCardError(Exception):
         self.part = part
         where = ""
         if card is not None:
-            where = f"card {card!r}" + (f", {part}" if part else "") + ": "
+            where = f"card {card!r}" + (f", part {part!r}" if part else "") + ": "
         super().__init__(where + message)
 
 

@@ -1,7 +1,7 @@
 """The card manifest: pydantic models that are the machine form of spec/cachecard-1.1.md §5.
 
-Models are frozen and reject unknown keys. ``python -m cachecard.manifest`` prints the JSON Schema kept
-in spec/schemas/manifest.schema.json (a test fails if the two drift).
+Models are frozen and reject unknown keys. :func:`schema_text` is the JSON Schema kept in
+spec/schemas/manifest.schema.json (``make schema`` writes it; a test fails if the two drift).
 """
 
 from __future__ import annotations
@@ -165,5 +165,6 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
-if __name__ == "__main__":
-    print(json.dumps(json_schema(), indent=2, sort_keys=True))
+def schema_text() -> str:
+    """spec/schemas/manifest.schema.json as written by `make schema`."""
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"

@@ -23,6 +23,7 @@ import zarr
 from zarr.abc.store import Store, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import ZipStore
 
 from cachecard.errors import (
     CacheCardError, CardNotFoundError, CorruptCardError, FormatVersionError, IncompleteCardError, ManifestError,
@@ -35,6 +36,7 @@ from cachecard.kvstore.writer import DIGEST_ATTR, MANIFEST_ATTR
 from cachecard.manifest import FORMAT_MAJOR, FORMAT_MINOR, CardManifest, manifest_digest, token_digest
 
 DEFAULT_MAX_EXPANSION = 32  # decoded bytes per stored byte above which a declared shape is implausible
+MAX_OBJECTS_PER_READ = 1 << 20  # more objects than this for one read means a hostile chunk grid
 _EMPTY = np.uint64(2**64 - 1)
 
 
@@ -58,6 +60,8 @@ class Card:
         self._max_expansion = max_expansion
         self._minor = manifest.format_minor
         self._arrays: dict[str, zarr.Array] = {}
+        for which in ("k", "v"):  # array metadata must agree with the manifest before anything is decoded
+            self._all_kv_arrays(which)
         self._ids = self._read_ids("tokens")
         if token_digest(self._ids) != manifest.tokens.sha256:
             raise CorruptCardError("token ids do not match the digest in the manifest; the card is corrupt",
@@ -164,6 +168,10 @@ class Card:
     def _read_region(self, name: str, arr: zarr.Array, region: tuple[slice, ...]) -> np.ndarray:
         bounds = [s.indices(n)[:2] for s, n in zip(region, arr.shape)]
         grid = arr.shards or arr.chunks
+        n_objects = math.prod(max(0, (b - 1) // g - a // g + 1) for (a, b), g in zip(bounds, grid))
+        if n_objects > MAX_OBJECTS_PER_READ:
+            raise ManifestError(f"{name!r} declares {n_objects} objects for one read; refusing an implausible "
+                                "chunk grid (a hostile or damaged card)", card=self.label)
         keys = [f"{arr.path}/{arr.metadata.encode_chunk_key(c)}" for c in _grid_cells(bounds, grid)]
         sizes = _sizes(self._store, keys)
         for key, size in zip(keys, sizes):
@@ -305,8 +313,12 @@ def _grid_cells(bounds: list[tuple[int, int]], grid: tuple[int, ...]) -> list[tu
 
 
 def _sizes(store: Store, keys: list[str]) -> list[int | None]:
+    """Stored size of each object, None where missing. A stat, never a read of the object."""
+
     async def one(key: str) -> int | None:
         try:
+            if isinstance(store, ZipStore):  # zarr 3.1's ZipStore.getsize reads the whole member
+                return store._zf.getinfo(key).file_size
             return await store.getsize(key)
         except (FileNotFoundError, KeyError):
             return None
