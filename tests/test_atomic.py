@@ -27,9 +27,12 @@ def test_second_write_is_refused_and_overwrite_replaces(small_card):
     assert cachecard.read_card(path).equal(other)
     assert sorted(p.name for p in path.parent.iterdir()) == ["card"]
     store = zarr.storage.MemoryStore()
-    cachecard.write_card(store, kv, ids, ident)
+    cachecard.write_card(store, kv, ids, ident, positions=np.arange(50) * 2)
     with pytest.raises(CardExistsError):
         cachecard.write_card(store, kv, ids, ident)
+    cachecard.write_card(store, other, ids, ident, overwrite=True)  # object store: old card fully retracted
+    assert cachecard.read_card(store).equal(other)
+    assert not any(key.startswith("positions") for key in store._store_dict)
 
 
 @pytest.mark.parametrize("name", ["card", "card.zip"])

@@ -1,4 +1,4 @@
-"""Errors raised by CacheCard (spec/cachecard-1.1.md §9, "Errors").
+"""Errors raised by CacheCard (spec/cachecard-1.md §9, "Errors").
 
 Every error says what was wrong, where (card, part), and what to do. All derive from
 :class:`CacheCardError`, so callers can catch one type.
@@ -44,7 +44,7 @@ class ManifestError(CacheCardError):
 
 
 class FormatVersionError(CacheCardError):
-    """The card was written in a format major version this reader does not implement."""
+    """The card was written in a format version (major, or newer minor) this reader does not implement."""
 
 
 class UnsupportedCodecError(CacheCardError):

@@ -1,4 +1,4 @@
-"""The canonical in-memory KV cache (spec/cachecard-1.1.md §4, "Canonical layout").
+"""The canonical in-memory KV cache (spec/cachecard-1.md §4, "Canonical layout").
 
 One sequence, all layers stacked: ``k`` and ``v`` have shape ``(layers, kv_heads, tokens, head_dim)``.
 K is after RoPE in rotate-half (NEOX) order. Element types are float32, float16 or bfloat16 (numpy has

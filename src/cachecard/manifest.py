@@ -1,4 +1,4 @@
-"""The card manifest: pydantic models that are the machine form of spec/cachecard-1.1.md §5.
+"""The card manifest: pydantic models that are the machine form of spec/cachecard-1.md §5.
 
 Models are frozen and reject unknown keys. :func:`schema_text` is the JSON Schema kept in
 spec/schemas/manifest.schema.json (``make schema`` writes it; a test fails if the two drift).
@@ -137,6 +137,8 @@ class CardManifest(_Model):
 
     @model_validator(mode="after")
     def _parent_offsets(self) -> CardManifest:
+        if self.start_position + self.tokens.count > MAX_TOKENS + 1:
+            raise ValueError("start_position + tokens.count must fit in int32 positions")
         if self.parent is not None and self.positions == "contiguous" and self.start_position != self.parent.tokens:
             raise ValueError(
                 f"a card continuing {self.parent.tokens} parent tokens starts at position {self.parent.tokens}, "
@@ -161,7 +163,7 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 def json_schema() -> dict[str, Any]:
     schema = CardManifest.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://cachecard.dev/spec/schemas/manifest-1.1.json"
+    schema["$id"] = "https://cachecard.dev/spec/schemas/manifest.schema.json"
     return schema
 
 

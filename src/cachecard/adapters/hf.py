@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import rfc8785
+
 import numpy as np
 import torch
 import transformers
@@ -32,12 +34,13 @@ def weights_hash(model: PreTrainedModel) -> str:
 
 
 def tokenizer_hash(tokenizer: object) -> str:
-    """SHA-256 of the fast tokenizer's serialized definition (vocabulary, merges, normalizers, specials)."""
+    """SHA-256 of the fast tokenizer's definition (vocabulary, merges, normalizers, specials) as RFC 8785
+    canonical JSON, so any language can reproduce it from tokenizer.json."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TypeError("need a fast (tokenizers-backed) tokenizer to compute its identity hash")
     spec = json.loads(backend.to_str())
-    return "sha256:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    return "sha256:" + hashlib.sha256(rfc8785.dumps(spec)).hexdigest()
 
 
 def model_identity(model: PreTrainedModel, tokenizer: object, *, name: str | None = None,

@@ -27,7 +27,7 @@ from zarr.storage import ZipStore
 
 from cachecard.errors import (
     CacheCardError, CardNotFoundError, CorruptCardError, FormatVersionError, IncompleteCardError, ManifestError,
-    NotACardError,
+    NotACardError, UnsupportedCodecError,
 )
 from cachecard.kv import NUMPY_DTYPES, CanonicalKV
 from cachecard.kvstore import layout
@@ -60,6 +60,7 @@ class Card:
         self._max_expansion = max_expansion
         self._minor = manifest.format_minor
         self._arrays: dict[str, zarr.Array] = {}
+        self._indexed_shards: set[str] = set()  # shard indexes already checked for unstored chunks
         for which in ("k", "v"):  # array metadata must agree with the manifest before anything is decoded
             self._all_kv_arrays(which)
         self._ids = self._read_ids("tokens")
@@ -67,6 +68,8 @@ class Card:
             raise CorruptCardError("token ids do not match the digest in the manifest; the card is corrupt",
                                    card=label, part="tokens")
         self._positions = self._read_ids("positions") if manifest.positions == "explicit" else None
+        if self._positions is not None and np.any(np.diff(self._positions) <= 0):
+            raise CorruptCardError("explicit positions are not strictly increasing", card=label, part="positions")
 
     # -- public -------------------------------------------------------------------------------------------
     @property
@@ -104,9 +107,6 @@ class Card:
         """Read and check every chunk of the card, one layer at a time; raise on the first problem."""
         m = self.manifest.model
         chunks = 0
-        for which in ("k", "v"):
-            for arr in self._all_kv_arrays(which):
-                chunks += _check_shard_index(self._store, arr, self.label, which)
         for layer in range(m.num_layers):
             self.read(layers=layer)
         for which in ("k", "v"):
@@ -121,6 +121,10 @@ class Card:
         if path not in self._arrays:
             try:
                 arr = zarr.open_array(self._store, path=path, mode="r", zarr_format=3)
+            except zarr.errors.UnknownCodecError as e:
+                raise UnsupportedCodecError(f"array {path!r} needs a codec this installation lacks ({e}); "
+                                            "install the cachecard version or plugin that provides it",
+                                            card=self.label) from e
             except Exception as e:  # noqa: BLE001 - any failure to open is a damaged card
                 raise CorruptCardError(f"array {path!r} is missing or unreadable ({type(e).__name__}: {e}); "
                                        "the card is damaged: delete it and save again", card=self.label) from e
@@ -178,6 +182,11 @@ class Card:
             if size is None:
                 raise CorruptCardError(f"object {key!r} is missing; the card is damaged: delete it and save again",
                                        card=self.label, part=name)
+        if arr.shards is not None:
+            for key in keys:
+                if key not in self._indexed_shards:
+                    _check_shard_index(self._store, arr, key, self.label, name)
+                    self._indexed_shards.add(key)
         decoded = math.prod(b - a for a, b in bounds) * arr.dtype.itemsize
         stored = sum(s for s in sizes if s is not None)
         if decoded > self._max_expansion * stored + (1 << 20):
@@ -271,8 +280,8 @@ def _parse_manifest(attrs: dict[str, Any], label: str) -> CardManifest:
                                  f"{FORMAT_MAJOR}.{FORMAT_MINOR}. Upgrade cachecard to read it", card=label)
     if major < FORMAT_MAJOR:
         raise FormatVersionError(f"format {major}.{minor} predates format 1 and cannot be read", card=label)
-    try:
-        return CardManifest.model_validate(MIGRATIONS[minor](raw))
+    try:  # strict JSON-mode validation: "2" is not an integer, a number is not a time
+        return CardManifest.model_validate_json(json.dumps(MIGRATIONS[minor](raw)), strict=True)
     except pydantic.ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}"
                              for err in e.errors()[:5])
@@ -329,22 +338,18 @@ def _sizes(store: Store, keys: list[str]) -> list[int | None]:
     return sync(all_())
 
 
-def _check_shard_index(store: Store, arr: zarr.Array, label: str, name: str) -> int:
-    """Every inner chunk of every shard must be stored (spec §5.4): zarr reads an empty entry as zeros."""
-    if arr.shards is None or not arr.size:
-        return 0
+def _check_shard_index(store: Store, arr: zarr.Array, key: str, label: str, name: str) -> None:
+    """Every inner chunk of a shard must be stored (spec §5.4): zarr would read an empty entry as zeros.
+
+    One small suffix read per shard, once per opened card; zarr reads the same bytes again to decode."""
     per_shard = math.prod(s // c for s, c in zip(arr.shards, arr.chunks))
     index_bytes = per_shard * 16 + 4
-    bounds = [(0, n) for n in arr.shape]
-    for cell in _grid_cells(bounds, arr.shards):
-        key = f"{arr.path}/{arr.metadata.encode_chunk_key(cell)}"
-        buf = sync(store.get(key, prototype=default_buffer_prototype(), byte_range=SuffixByteRequest(index_bytes)))
-        raw = b"" if buf is None else buf.to_bytes()
-        if len(raw) != index_bytes or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise CorruptCardError(f"the shard index of object {key!r} is missing, truncated or fails its "
-                                   "crc32c; delete the card and save it again", card=label, part=name)
-        index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
-        if np.any(index[:, 0] == _EMPTY):
-            raise CorruptCardError(f"object {key!r} lacks {int(np.sum(index[:, 0] == _EMPTY))} inner chunks "
-                                   "(a writer must store every chunk)", card=label, part=name)
-    return 0
+    buf = sync(store.get(key, prototype=default_buffer_prototype(), byte_range=SuffixByteRequest(index_bytes)))
+    raw = b"" if buf is None else buf.to_bytes()
+    if len(raw) != index_bytes or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        raise CorruptCardError(f"the shard index of object {key!r} is missing, truncated or fails its "
+                               "crc32c; delete the card and save it again", card=label, part=name)
+    empty = int(np.sum(np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)[:, 0] == _EMPTY))
+    if empty:
+        raise CorruptCardError(f"object {key!r} lacks {empty} inner chunks (a writer must store every chunk); "
+                               "delete the card and save it again", card=label, part=name)

@@ -51,6 +51,19 @@ def _root_exists(store: Store) -> bool:
     return sync(store.exists(ROOT_KEY))
 
 
+def _retract(store: Store) -> None:
+    """Un-publish a card before replacing it: the root first (readers then see an incomplete card, never
+    old metadata over new chunks), then every other object, so none of the old card lingers."""
+
+    async def run() -> None:
+        await store.delete(ROOT_KEY)
+        keys = [key async for key in store.list()]
+        for key in keys:
+            await store.delete(key)
+
+    sync(run())
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for f in files:
@@ -69,9 +82,11 @@ def writable(location: Location, *, overwrite: bool = False,
     if isinstance(location, Store) or _is_url(location):
         store = location if isinstance(location, Store) else FsspecStore.from_url(
             str(location), storage_options=storage_options)
-        if _root_exists(store) and not overwrite:
-            raise CardExistsError("a card already exists here; cards are immutable (pass overwrite=True "
-                                  "to replace it)", card=describe(location))
+        if _root_exists(store):
+            if not overwrite:
+                raise CardExistsError("a card already exists here; cards are immutable (pass overwrite=True "
+                                      "to replace it)", card=describe(location))
+            _retract(store)
         yield _DeferRoot(store), store
         return
 

@@ -19,7 +19,7 @@ from cachecard.kv import CanonicalKV
 from cachecard.kvstore import layout
 from cachecard.kvstore.targets import ROOT_KEY, Location, describe, writable
 from cachecard.manifest import (
-    MAX_TOKENS, CardManifest, Codecs, ModelIdentity, ParentRef, Producer, TokenBinding, manifest_digest,
+    CardManifest, Codecs, ModelIdentity, ParentRef, Producer, TokenBinding, manifest_digest,
     token_digest,
 )
 
@@ -132,7 +132,7 @@ def _token_array(tokens: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
 
 def _positions_array(positions: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
     pos = _token_array(positions, n)
-    if pos.size and (np.any(np.diff(pos) <= 0) or pos.max() > MAX_TOKENS):
+    if pos.size and np.any(np.diff(pos) <= 0):
         raise KVShapeError("explicit positions must be strictly increasing.")
     return pos
 
