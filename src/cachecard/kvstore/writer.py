@@ -17,7 +17,7 @@ from cachecard.codecs import pipeline
 from cachecard.errors import KVShapeError
 from cachecard.kv import CanonicalKV
 from cachecard.kvstore import layout
-from cachecard.kvstore.targets import ROOT_KEY, Location, describe, writable
+from cachecard.kvstore.targets import ROOT_KEY, Location, writable
 from cachecard.manifest import (
     CardManifest, Codecs, ModelIdentity, ParentRef, Producer, TokenBinding, manifest_digest,
     token_digest,
@@ -147,4 +147,4 @@ def _check_kv_matches_model(kv: CanonicalKV, model: ModelIdentity) -> None:
         )
 
 
-__all__ = ["write_card", "describe"]
+__all__ = ["write_card"]
