@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import zarr
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore, ZipStore
