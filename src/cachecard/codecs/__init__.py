@@ -1,9 +1,23 @@
-"""Codec presets: the zarr codec pipeline a card's K or V array is written with (spec/cachecard-1.md §5.5).
+"""KV codecs (spec/codecs/): zarr v3 array-to-bytes codecs for card chunks, and named presets.
 
-A preset name is recorded in the manifest; the pipeline itself is recorded in each array's zarr.json and is
-what a reader decodes with. Every pipeline ends in crc32c so each stored chunk is checksummed.
+Importing this package registers every codec with zarr (``zarr.registry.register_codec``); the same codecs
+are also declared as ``zarr.codecs`` entry points, so zarr finds them without this import.
 """
 
-from cachecard.codecs.presets import PRESETS, Pipeline, pipeline
+from zarr.registry import register_codec
 
-__all__ = ["PRESETS", "Pipeline", "pipeline"]
+from cachecard.codecs.base import ChunkContext, CodecConfig, KVCodec
+from cachecard.codecs.presets import PRESETS, Pipeline, Preset, pipeline, preset
+
+CODECS: dict[str, type[KVCodec]] = {}
+
+
+def _register(*classes: type[KVCodec]) -> None:
+    for cls in classes:
+        CODECS[cls.codec_id] = cls
+        register_codec(cls.codec_id, cls)
+
+
+_register()
+
+__all__ = ["CODECS", "ChunkContext", "CodecConfig", "KVCodec", "PRESETS", "Pipeline", "Preset", "pipeline", "preset"]

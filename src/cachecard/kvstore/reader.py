@@ -121,6 +121,8 @@ class Card:
         if path not in self._arrays:
             try:
                 arr = zarr.open_array(self._store, path=path, mode="r", zarr_format=3)
+            except CacheCardError:
+                raise  # e.g. a codec configuration this version cannot decode
             except zarr.errors.UnknownCodecError as e:
                 raise UnsupportedCodecError(f"array {path!r} needs a codec this installation lacks ({e}); "
                                             "install the cachecard version or plugin that provides it",

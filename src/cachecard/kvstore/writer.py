@@ -17,6 +17,7 @@ from cachecard.codecs import pipeline
 from cachecard.errors import KVShapeError
 from cachecard.kv import CanonicalKV
 from cachecard.kvstore import layout
+from cachecard.kvstore.shards import write_kv_shard
 from cachecard.kvstore.targets import ROOT_KEY, Location, writable
 from cachecard.manifest import (
     CardManifest, Codecs, ModelIdentity, ParentRef, Producer, TokenBinding, manifest_digest,
@@ -78,7 +79,10 @@ def write_card(
         parent=parent,
         codecs=Codecs(k=k_codec, v=v_codec),
     )
-    pipelines = {"k": pipeline(k_codec), "v": pipeline(v_codec)}  # unknown presets fail before any write
+    # Unknown presets and codecs that cannot take this KV fail here, before anything is written.
+    pipelines = {"k": pipeline(k_codec, "k", kv.k, model), "v": pipeline(v_codec, "v", kv.v, model)}
+    pos_all = pos if pos is not None else np.arange(manifest.start_position,
+                                                    manifest.start_position + kv.num_tokens, dtype=np.int64)
 
     with writable(location, overwrite=overwrite, storage_options=storage_options) as (data, root):
         storage = layout.STORAGE_DTYPES[kv.dtype]
@@ -95,7 +99,7 @@ def write_card(
                 config={"write_empty_chunks": True},  # a missing chunk must mean corruption, never zeros
             )
             if arr.size:
-                z[...] = arr.view(storage)
+                write_kv_shard(z, arr.view(storage), pos_all, which)
         _write_ids(data, "tokens", ids)
         if pos is not None:
             _write_ids(data, "positions", pos)
