@@ -30,6 +30,7 @@ schema: $(STAMP)
 
 vectors: $(STAMP)
 	CACHECARD_REGEN_VECTORS=1 $(PY) tests/make_vectors.py
+	CACHECARD_REGEN_VECTORS=1 $(PY) tests/make_codec_vectors.py
 
 clean:
 	rm -rf $(VENV) cachecard-demo

@@ -8,6 +8,7 @@ from zarr.registry import register_codec
 
 from cachecard.codecs.base import ChunkContext, CodecConfig, KVCodec
 from cachecard.codecs.presets import PRESETS, Pipeline, Preset, pipeline, preset
+from cachecard.codecs.q8_0 import Q8_0Codec
 
 CODECS: dict[str, type[KVCodec]] = {}
 
@@ -18,6 +19,6 @@ def _register(*classes: type[KVCodec]) -> None:
         register_codec(cls.codec_id, cls)
 
 
-_register()
+_register(Q8_0Codec)
 
 __all__ = ["CODECS", "ChunkContext", "CodecConfig", "KVCodec", "PRESETS", "Pipeline", "Preset", "pipeline", "preset"]
