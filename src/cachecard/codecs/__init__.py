@@ -7,8 +7,16 @@ are also declared as ``zarr.codecs`` entry points, so zarr finds them without th
 from zarr.registry import register_codec
 
 from cachecard.codecs.base import ChunkContext, CodecConfig, KVCodec
+from cachecard.codecs.mlx_affine import MLXAffineCodec
+from cachecard.codecs.nf4 import NF4Codec
 from cachecard.codecs.presets import PRESETS, Pipeline, Preset, pipeline, preset
+from cachecard.codecs.q4_0 import Q4_0Codec
+from cachecard.codecs.q4_1 import Q4_1Codec
+from cachecard.codecs.frontier import FrontierCodec
+from cachecard.codecs.kivi import KiviCodec
+from cachecard.codecs.mixed import MixedCodec
 from cachecard.codecs.q8_0 import Q8_0Codec
+from cachecard.codecs.turbo import TurboCodec
 
 CODECS: dict[str, type[KVCodec]] = {}
 
@@ -19,6 +27,7 @@ def _register(*classes: type[KVCodec]) -> None:
         register_codec(cls.codec_id, cls)
 
 
-_register(Q8_0Codec)
+_register(Q8_0Codec, TurboCodec, KiviCodec, FrontierCodec, MixedCodec)
+_register(Q4_0Codec, Q4_1Codec, MLXAffineCodec, NF4Codec)
 
 __all__ = ["CODECS", "ChunkContext", "CodecConfig", "KVCodec", "PRESETS", "Pipeline", "Preset", "pipeline", "preset"]

@@ -13,6 +13,7 @@ patterns (spec/cachecard-1.md §4), and a codec reads ``uint16`` elements as bfl
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -117,7 +118,7 @@ class KVCodec(ArrayBytesCodec):
         return type(self) is type(other) and self.config == other.config  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash((self.codec_id, self.config))
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
