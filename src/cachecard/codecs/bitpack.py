@@ -23,6 +23,11 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 4 and m % 2 == 0:
         c = codes.astype(np.uint8)
         return c[:, 0::2] | (c[:, 1::2] << 4)
+    if m % 8 == 0:  # 8 codes fill exactly `bits` bytes: pack them through one uint64 per group
+        v = (codes.reshape(n, m // 8, 8).astype(np.uint64) << (np.arange(8, dtype=np.uint64) * np.uint64(bits))).sum(
+            axis=2, dtype=np.uint64)
+        out = (v[..., None] >> (np.arange(bits, dtype=np.uint64) * np.uint64(8))) & np.uint64(0xFF)
+        return out.astype(np.uint8).reshape(n, m * bits // 8)
     planes = (codes.astype(np.uint8)[..., None] >> np.arange(bits, dtype=np.uint8)) & 1
     return np.packbits(planes.reshape(n, m * bits), axis=1, bitorder="little")
 
@@ -37,6 +42,11 @@ def unpack(data: np.ndarray, bits: int, m: int) -> np.ndarray:
         out[:, 0::2] = data & 0x0F
         out[:, 1::2] = data >> 4
         return out
+    if m % 8 == 0:
+        g = data.reshape(n, m // 8, bits).astype(np.uint64)
+        v = (g << (np.arange(bits, dtype=np.uint64) * np.uint64(8))).sum(axis=2, dtype=np.uint64)
+        codes = (v[..., None] >> (np.arange(8, dtype=np.uint64) * np.uint64(bits))) & np.uint64((1 << bits) - 1)
+        return codes.astype(np.uint8).reshape(n, m)
     planes = np.unpackbits(data, axis=1, bitorder="little", count=m * bits).reshape(n, m, bits)
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
 

@@ -81,13 +81,14 @@ class FrontierCodec(KVCodec):
         return steps[layer]
 
     # -- encode ---------------------------------------------------------------------------------------------
-    def encode_array(self, x: np.ndarray, ctx: ChunkContext) -> bytes:
+    def _prepare(self, x: np.ndarray, ctx: ChunkContext) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(protected-token mask, per-channel mean or None, rotated vectors (G, T, D))."""
         cfg = self.config
         *_, t, d = x.shape
         x = x.reshape(-1, t, d)
         valid = t if ctx.valid_tokens is None else ctx.valid_tokens
         mask = tokens.protected(x, ctx, sinks=cfg.sinks, recent=cfg.recent, salient=cfg.salient)
-        parts = [b""]
+        mu = None
         z = x
         if cfg.center:
             body = ~mask
@@ -97,14 +98,38 @@ class FrontierCodec(KVCodec):
             mu = (x[:, body].mean(axis=1) if body.any() else np.zeros(x.shape[::2], np.float32)).astype("<f2")
             z = x - mu.astype(np.float32)[:, None, :]
             z[:, valid:] = 0
-            parts.append(mu.tobytes())
         y = hadamard.forward(z.reshape(-1, d), cfg.seed).reshape(z.shape)
-        parts.append(self._encode_protected(y[:, mask]))
+        return mask, mu, y
+
+    def encode_array(self, x: np.ndarray, ctx: ChunkContext) -> bytes:
+        mask, mu, y = self._prepare(x, ctx)
         step = np.float32(self.step_of(ctx.layer if ctx.known else 0))
-        ecsq, ref = self._encode_ecsq(y[:, ~mask].reshape(-1, d), step)
-        parts.append(ecsq)
-        parts[0] = HEADER.pack(VERSION, int(cfg.center), 0, float(step), float(ref)) + tokens.pack_mask(mask)
-        return b"".join(parts)
+        ecsq, ref = self._encode_ecsq(y[:, ~mask].reshape(-1, y.shape[-1]), step)
+        head = HEADER.pack(VERSION, int(mu is not None), 0, float(step), float(ref)) + tokens.pack_mask(mask)
+        return b"".join([head, b"" if mu is None else mu.tobytes(), self._encode_protected(y[:, mask]), ecsq])
+
+    def prepare_estimate(self, x: np.ndarray, ctx: ChunkContext) -> tuple[int, np.ndarray]:
+        """What ``estimate_bits`` needs of a chunk: its fixed bytes and its ECSQ vectors in units of their RMS."""
+        mask, mu, y = self._prepare(x, ctx)
+        rows = y[:, ~mask].reshape(-1, y.shape[-1])
+        fixed = HEADER.size + (mask.size + 7) // 8 + (0 if mu is None else mu.nbytes) + SYMBOLS.size
+        fixed += y[:, mask].size + 2 * y[:, mask].size // y.shape[-1] + rows.shape[0]
+        rms = np.sqrt(np.einsum("nd,nd->n", rows, rows, dtype=np.float32) / np.float32(rows.shape[-1]))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = np.where(rms[:, None] > 0, rows / rms[:, None], 0)
+        return fixed, u
+
+    @staticmethod
+    def estimate_bits(prepared: tuple[int, np.ndarray], step: float) -> float:
+        """Stored bits of a prepared chunk at ``step``, with the entropy of the codes in place of the rANS
+        stream (within a few bytes of it): cheap enough for a planner to search steps."""
+        fixed, u = prepared
+        if not u.size:
+            return 8.0 * (fixed + 4)
+        q = np.rint(u / np.float32(step)).astype(np.int64)
+        counts = np.bincount((q - q.min()).ravel())
+        p = counts[counts > 0] / q.size
+        return 8.0 * (fixed + 4 * len(counts)) - float(q.size * np.sum(p * np.log2(p)))
 
     @staticmethod
     def _encode_protected(y: np.ndarray) -> bytes:

@@ -1,7 +1,8 @@
 """The randomized Hadamard transform shared by the rotation codecs (spec/codecs/turbo.md §Rotation).
 
-``R x = H (s ⊙ x) / sqrt(D)``: seeded ±1 signs ``s``, then the fast Walsh-Hadamard butterfly, in float32 with
-a fixed operation order so that every implementation (numpy here, torch on a device) gets the same bits.
+``R x = H (s ⊙ x) / sqrt(D)``: seeded ±1 signs ``s``, then the Walsh-Hadamard transform. The ±1 sums are
+taken in float64 (a BLAS matrix product: far faster in numpy than a butterfly) and rounded once to float32,
+so implementations agree to the bit whenever the float64 sums are exact, as they are for KV values.
 Signs come from SHAKE-128 so any language can reproduce them without our PRNG.
 """
 
@@ -28,42 +29,34 @@ def signs(seed: int, dim: int) -> np.ndarray:
     return out
 
 
-def _butterfly(x: np.ndarray) -> np.ndarray:
-    """Unnormalised Walsh-Hadamard transform along the last axis (length a power of two), float32.
-
-    Stage h = 1, 2, 4, ...: for each pair (i, i + h) within blocks of 2h, (a, b) -> (a + b, a - b)."""
-    n, d = x.shape
-    h = 1
-    while h < d:
-        y = x.reshape(n, d // (2 * h), 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
-        x = np.stack((a + b, a - b), axis=2).reshape(n, d)
-        h *= 2
-    return x
+@lru_cache(maxsize=64)
+def _matrix(seed: int, dim: int) -> np.ndarray:
+    """diag(s) · H as float64 (entries ±1), H the Sylvester Hadamard matrix of order ``dim``."""
+    h = np.ones((1, 1))
+    while h.shape[0] < dim:
+        h = np.block([[h, h], [h, -h]])
+    out = signs(seed, dim).astype(np.float64)[:, None] * h
+    out.flags.writeable = False
+    return out
 
 
 def forward(x: np.ndarray, seed: int) -> np.ndarray:
-    """R x for rows x (N, D) float32."""
+    """R x for rows x (N, D) float32: the ±1 sums in float64 (exact for KV value ranges), then one
+    multiplication by 1/sqrt(D) and one rounding to float32."""
     d = x.shape[-1]
-    return _butterfly(x * signs(seed, d)) * np.float32(1 / np.sqrt(d))
+    return ((x.astype(np.float64) @ _matrix(seed, d)) * (1 / np.sqrt(d))).astype(np.float32)
 
 
 def inverse(y: np.ndarray, seed: int) -> np.ndarray:
-    """R^T y (R is orthonormal and H symmetric): s ⊙ H y / sqrt(D)."""
+    """R^T y = s ⊙ (H y) / sqrt(D), computed like ``forward``."""
     d = y.shape[-1]
-    return (_butterfly(y) * np.float32(1 / np.sqrt(d))) * signs(seed, d)
+    return ((y.astype(np.float64) @ _matrix(seed, d).T) * (1 / np.sqrt(d))).astype(np.float32)
 
 
 def inverse_torch(y: torch.Tensor, seed: int) -> torch.Tensor:
-    """``inverse`` with torch ops on y's device; same operation order, so the same float32 bits."""
+    """``inverse`` with torch ops on y's device (float64 sums, as in numpy)."""
     import torch
 
-    n, d = y.shape
-    h = 1
-    while h < d:
-        z = y.reshape(n, d // (2 * h), 2, h)
-        a, b = z[:, :, 0, :], z[:, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=2).reshape(n, d)
-        h *= 2
-    s = torch.from_numpy(signs(seed, d).copy()).to(y.device)
-    return (y * torch.tensor(np.float32(1 / np.sqrt(d)), device=y.device)) * s
+    d = y.shape[-1]
+    m = torch.from_numpy(np.ascontiguousarray(_matrix(seed, d).T)).to(y.device)
+    return ((y.double() @ m) * (1 / np.sqrt(d))).float()

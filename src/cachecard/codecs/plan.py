@@ -39,22 +39,22 @@ def _sample(x: np.ndarray) -> list[tuple[np.ndarray, ChunkContext]]:
 
 
 def frontier_step(x: np.ndarray, bits: float, **config: object) -> float:
-    """The step (to 1%) at which ``cachecard.frontier`` with ``config`` stores ``x`` in ``bits`` per element."""
+    """The step (to about 1%) at which ``cachecard.frontier`` with ``config`` stores ``x`` in ``bits`` per element,
+    from the code entropy of a sample of chunks."""
     sample = _sample(x)
     elements = sum(c.size for c, _ in sample)
+    codec = FrontierCodec(step=1.0, **config)
+    prepared = [codec.prepare_estimate(chunk, ctx) for chunk, ctx in sample]
 
     def rate(step: float) -> float:
-        codec = FrontierCodec(step=step, **config)
-        return 8 * sum(len(codec.encode_array(c, ctx)) for c, ctx in sample) / elements
+        return sum(codec.estimate_bits(p, step) for p in prepared) / elements
 
     lo, hi = 1 / 64, 4.0
     if rate(hi) > bits:
         return hi
-    for _ in range(24):  # geometric bisection: rate falls as the step grows
+    while hi / lo > 1.01:  # geometric bisection: the rate falls as the step grows
         mid = float(np.sqrt(lo * hi))
         lo, hi = (mid, hi) if rate(mid) > bits else (lo, mid)
-        if hi / lo < 1.01:
-            break
     return round(hi, 4)
 
 

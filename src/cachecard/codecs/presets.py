@@ -121,7 +121,8 @@ def _planned(kind: str, bits: float, **kw: object) -> Planner:
 
 
 # Keys are more sensitive than values (bench/results/codecs.json), so they get the larger share of the rate.
-for _name, _kb, _vb in (("frontier3", 3.5, 2.5), ("frontier2.5", 3.0, 2.0), ("frontier2", 2.5, 1.5)):
+for _name, _kb, _vb in (("frontier3.2", 3.8, 2.6), ("frontier2.8", 3.4, 2.2), ("frontier2.5", 3.1, 1.9),
+                        ("frontier2.2", 2.8, 1.6)):
     register(Preset(_name, f"frontier codec planned to ~{_kb} bits/element for K (centered), ~{_vb} for V",
                     _planned("frontier", _kb, center=True), _planned("frontier", _vb, center=False)))
 register(Preset("mixed3", "token-level mixed precision at 3 bits/element: sinks and last 32 tokens 8-bit, "
