@@ -66,6 +66,18 @@ def write_v1_0(case: Path) -> None:
     expected(case, kv, ids, np.arange(37))
 
 
+def write_v1_2_pruned(case: Path) -> None:
+    """Format 1.2: a value-norm pruned card (half of 24 tokens) with its pruning record."""
+    from cachecard.codecs.pruning import prune
+
+    kv = make_kv(layers=2, heads=2, tokens=24, head_dim=8, dtype="float16", seed=12)
+    ids = (np.arange(24) * 17 + 3) % 49152
+    p = prune(kv, ids, keep=0.5, method="value_norm")
+    cachecard.write_card(case / "card", p.kv, p.tokens, make_identity(), chunk_tokens=8, positions=p.positions,
+                         pruning=p.record)
+    expected(case, p.kv, p.tokens, p.positions)
+
+
 CASES = {
     "v1.0-float16-per-layer": write_v1_0,
     "v1.1-float16": lambda c: write_v1_1(c, card="card", tokens=37, dtype="float16"),
@@ -74,6 +86,7 @@ CASES = {
                                                  parent=ParentRef(card_id="ab" * 16, tokens=64)),
     "v1.1-float16-positions-zip": lambda c: write_v1_1(c, card="card.zip", tokens=5, dtype="float16",
                                                        positions=[0, 1, 7, 8, 30]),
+    "v1.2-float16-pruned": write_v1_2_pruned,
 }
 
 

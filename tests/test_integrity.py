@@ -193,7 +193,7 @@ def test_huge_declared_shape_is_refused_without_allocating(token_chunk):
 
 @pytest.mark.parametrize("major, minor, error, match", [
     (2, 0, FormatVersionError, "Upgrade cachecard"),
-    (1, 2, FormatVersionError, "Upgrade cachecard"),
+    (1, 3, FormatVersionError, "Upgrade cachecard"),
     (0, 9, FormatVersionError, "predates"),
 ])
 def test_newer_or_unknown_versions_are_refused(major, minor, error, match):

@@ -9,8 +9,10 @@ from cachecard.errors import (
     CacheCardError, CardExistsError, CardNotFoundError, CorruptCardError, FormatVersionError, IdentityMismatchError,
     IncompleteCardError, KVShapeError, ManifestError, NotACardError, UnsupportedCodecError,
 )
+from cachecard.errors import AgentIdError, CardInUseError, StoreError, StoreFullError
 from cachecard.kv import CanonicalKV
 from cachecard.kvstore import Card, VerifyReport, open_card, read_card, verify_card, write_card
+from cachecard.kvstore import Match, Store, open_store
 from cachecard.manifest import CardManifest, LayerKind, ModelIdentity, ParentRef, Rope
 
 __all__ = [
@@ -18,4 +20,5 @@ __all__ = [
     "FormatVersionError", "IdentityMismatchError", "IncompleteCardError", "KVShapeError", "ManifestError",
     "NotACardError", "UnsupportedCodecError", "CanonicalKV", "Card", "VerifyReport", "open_card", "read_card",
     "verify_card", "write_card", "CardManifest", "LayerKind", "ModelIdentity", "ParentRef", "Rope",
+    "AgentIdError", "CardInUseError", "StoreError", "StoreFullError", "Match", "Store", "open_store",
 ]

@@ -6,16 +6,18 @@ Exit codes: 0 success, 1 a card failed a check or could not be read, 2 bad usage
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cachecard.errors import CacheCardError
 from cachecard.kvstore import layout, open_card
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and check CacheCard KV-cache cards.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and check CacheCard KV-cache cards and stores.")
 out = Console()
 err = Console(stderr=True)
 
@@ -72,10 +74,17 @@ def inspect(
 
 
 @app.command()
-def verify(cards: Annotated[list[str], typer.Argument(help="one or more cards")]) -> None:
+def verify(
+    cards: Annotated[list[str], typer.Argument(help="one or more cards, or stores (every card is checked)")],
+    index: IndexOpt = None,
+    option: OptionsOpt = None,
+) -> None:
     """Read every chunk of each card and check every checksum. Exit 1 if any card fails."""
     failed = 0
     for card in cards:
+        if _is_store(card, option):
+            failed += _verify_store(card, index, option)
+            continue
         try:
             report = open_card(card).verify()
         except CacheCardError as e:
@@ -85,6 +94,191 @@ def verify(cards: Annotated[list[str], typer.Argument(help="one or more cards")]
         out.print(f"[green]OK[/green] {card}: format {report.format}, {report.tokens} tokens, "
                   f"{report.chunks_checked} chunks in {report.objects} objects, {report.stored_bytes:,} bytes",
                   highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+# -- stores (agent memory: cachecard.kvstore.store) -------------------------------------------------------------
+IndexOpt = Annotated[Optional[str], typer.Option("--index", help="the store's LMDB index directory (default: "
+                                                 "<store>/index, or a per-URL cache dir for remote stores)")]
+OptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="fsspec storage option KEY=VALUE "
+                                                         "(repeatable), e.g. -o endpoint_url=http://...")]
+StoreArg = Annotated[str, typer.Argument(help="store directory or fsspec URL (s3://bucket/prefix)")]
+
+
+def _options(option: list[str] | None) -> dict[str, object]:
+    opts: dict[str, object] = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"storage options are KEY=VALUE; got {item!r}")
+        opts[key] = json.loads(value) if value[:1] in "{[" or value in ("true", "false") else value
+    return opts
+
+
+def _is_store(location: str, option: list[str] | None = None) -> bool:
+    from cachecard.kvstore.store import STORE_FILE
+
+    if "://" not in location:
+        return (Path(location) / STORE_FILE).is_file()
+    import fsspec
+
+    try:
+        fs, base = fsspec.core.url_to_fs(location, **_options(option))
+        return bool(fs.isfile(f"{base.rstrip('/')}/{STORE_FILE}"))
+    except Exception:  # noqa: BLE001 - not reachable or not a store: treat it as a card location
+        return False
+
+
+def _store(location: str, index: str | None, option: list[str] | None):  # noqa: ANN202
+    from cachecard.kvstore.store import Store
+
+    try:
+        return Store(location, index=index, create=False, storage_options=_options(option) or None)
+    except CacheCardError as e:
+        err.print(f"[red]FAIL[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _bar(description: str):  # noqa: ANN202
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True, disable=not err.is_terminal)
+
+
+def _run_with_bar(description: str, fn):  # noqa: ANN001, ANN202
+    with _bar(description) as bar:
+        task = bar.add_task(description, total=None)
+        return fn(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _verify_store(location: str, index: str | None, option: list[str] | None) -> int:
+    with _store(location, index, option) as st:
+        rep = _run_with_bar("verifying cards", lambda p: st.verify(progress=p))
+    for card_id, why in rep.failures.items():
+        err.print(f"[red]FAIL[/red] {card_id}: {why}", highlight=False, soft_wrap=True)
+    colour = "green" if not rep.failures else "red"
+    out.print(f"[{colour}]{'OK' if not rep.failures else 'FAIL'}[/{colour}] {location}: {rep.ok} of {rep.checked} "
+              "cards verified", highlight=False, soft_wrap=True)
+    return 1 if rep.failures else 0
+
+
+@app.command("ls")
+def ls_(
+    store: StoreArg,
+    agent: Annotated[Optional[str], typer.Option(help="only this agent's cards")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    index: IndexOpt = None,
+    option: OptionsOpt = None,
+) -> None:
+    """List a store's cards: agents, tokens (own / whole sequence), parent, size, last access."""
+    from datetime import datetime
+
+    with _store(store, index, option) as st:
+        try:
+            cards = st.cards(agent=agent)
+        except CacheCardError as e:
+            err.print(f"[red]FAIL[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(json.dumps([c.__dict__ for c in cards]))
+        return
+    table = Table(title=f"{store}: {len(cards)} cards", title_justify="left")
+    for col in ("card", "agents", "tokens", "parent", "codecs", "size", "accessed"):
+        table.add_column(col, justify="right" if col in ("tokens", "size") else "left", overflow="fold" if col == "card" else "ellipsis")
+    for c in cards:
+        parent = f"{c.parent[:12]} @{c.parent_tokens}" if c.parent else "-"
+        when = datetime.fromtimestamp(c.accessed).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(c.card_id, ", ".join(c.agents) or f"- ({c.children} children)",
+                      f"{c.tokens} / {c.total}", parent, "/".join(dict.fromkeys(c.codecs)), _size(c.bytes), when)
+    out.print(table)
+
+
+@app.command()
+def stats(store: StoreArg, as_json: Annotated[bool, typer.Option("--json")] = False, index: IndexOpt = None,
+          option: OptionsOpt = None) -> None:
+    """Cards, agents, references, blocks indexed, bytes, and how much sharing saves."""
+    with _store(store, index, option) as st:
+        info = st.stats()
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    table = Table(title=f"store {store}", show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in info.items():
+        if key in ("bytes", "index_bytes", "index_map_size"):
+            value = _size(value)
+        elif key == "sharing":
+            value = f"{value:.2f}x tokens represented per token stored"
+        table.add_row(key.replace("_", " "), str(value))
+    out.print(table)
+
+
+@app.command()
+def gc(
+    store: StoreArg,
+    grace: Annotated[float, typer.Option(help="leave unindexed data younger than this many seconds alone")] = 3600.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="report what would be removed; change nothing")] = False,
+    index: IndexOpt = None,
+    option: OptionsOpt = None,
+) -> None:
+    """Collect orphans and unreferenced cards; adopt committed cards the index lacks."""
+    with _store(store, index, option) as st:
+        rep = _run_with_bar("scanning cards", lambda p: st.gc(grace_s=grace, dry_run=dry_run, progress=p))
+    verb = "would remove" if dry_run else "removed"
+    out.print(f"{verb} {len(rep.freed)} unreferenced cards, {len(rep.orphans_deleted)} orphans and "
+              f"{len(rep.partial_deleted)} partial writes ({_size(rep.bytes_freed)}); adopted {len(rep.adopted)}; "
+              f"fixed {rep.refs_fixed} references", highlight=False, soft_wrap=True)
+    for card_id in rep.lost:
+        err.print(f"[yellow]LOST[/yellow] {card_id}: indexed but its data is gone; `cachecard reindex` drops it",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
+def reindex(store: StoreArg, index: IndexOpt = None, option: OptionsOpt = None) -> None:
+    """Rebuild the LMDB index from the card manifests and the agents' references."""
+    with _store(store, index, option) as st:
+        rep = _run_with_bar("reading manifests", lambda p: st.reindex(progress=p))
+    out.print(f"indexed {rep.cards} cards, {rep.refs} references, {rep.blocks} blocks", highlight=False)
+    for card_id, why in rep.skipped.items():
+        err.print(f"[yellow]SKIPPED[/yellow] {card_id}: {why}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def rm(
+    store: StoreArg,
+    cards: Annotated[Optional[list[str]], typer.Argument(help="card ids")] = None,
+    agent: Annotated[Optional[str], typer.Option(help="remove only this agent's references (with no card ids: "
+                                                 "all of them)")] = None,
+    index: IndexOpt = None,
+    option: OptionsOpt = None,
+) -> None:
+    """Remove references to cards; data goes when no agent and no other card uses it."""
+    if not cards and agent is None:
+        raise typer.BadParameter("name card ids, or --agent to drop an agent")
+    failed = 0
+    with _store(store, index, option) as st:
+        try:
+            freed = st.drop_agent(agent) if not cards and agent is not None else []
+            for card_id in cards or []:
+                try:
+                    freed += st.delete(card_id, agent=agent)
+                except CacheCardError as e:
+                    err.print(f"[red]FAIL[/red] {e}", highlight=False, soft_wrap=True)
+                    failed += 1
+        except CacheCardError as e:
+            err.print(f"[red]FAIL[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    out.print(f"removed references; freed {len(freed)} cards" + (f": {', '.join(freed)}" if freed else ""),
+              highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 

@@ -57,3 +57,19 @@ class IdentityMismatchError(CacheCardError):
 
 class KVShapeError(CacheCardError, ValueError):
     """KV arrays handed to the writer do not match each other, the tokens or the model identity."""
+
+
+class StoreError(CacheCardError):
+    """A card store (agent memory, ``cachecard.kvstore.store``) cannot do what was asked."""
+
+
+class AgentIdError(StoreError, ValueError):
+    """An agent id is empty, too long, or holds characters other than letters, digits and ``._@+-``."""
+
+
+class StoreFullError(StoreError, OSError):
+    """The disk holding the store or its index is full; nothing committed before was lost."""
+
+
+class CardInUseError(StoreError):
+    """A card cannot be removed because other cards continue it (their parent chain needs its data)."""

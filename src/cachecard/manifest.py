@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, m
 from cachecard.kv import KVDType
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1  # the minor this library writes; it reads every minor <= this (spec §8)
+FORMAT_MINOR = 2  # the newest minor this library reads and writes (spec §8); it writes the oldest that fits
 
 # Bounds keep a hostile manifest from declaring absurd shapes (spec §5.6).
 MAX_LAYERS = 1024
@@ -99,6 +99,16 @@ class ParentRef(_Model):
     tokens: int = Field(ge=1, le=MAX_TOKENS)
 
 
+class Pruning(_Model):
+    """The card keeps only some tokens of a longer sequence (spec §5.6, spec/codecs/pruning.md): lossy and
+    irreversible, never a default. The kept tokens' positions are the ``positions`` array."""
+
+    method: Literal["value_norm", "front", "back"]
+    keep: float = Field(gt=0, le=1, description="fraction of the source tokens asked to be kept")
+    source_tokens: int = Field(ge=1, le=MAX_TOKENS, description="tokens of the sequence before pruning")
+    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the source token ids (int32 LE)")
+
+
 class Codecs(_Model):
     """Codec preset names for K and V; the zarr codec pipelines in the arrays are what decodes."""
 
@@ -127,6 +137,7 @@ class CardManifest(_Model):
     parent: ParentRef | None = None
     k_layout: Literal["post_rope_neox"] = "post_rope_neox"
     codecs: Codecs
+    pruning: Pruning | None = Field(default=None, description="format 1.2: the card holds a pruned subset")
 
     @field_validator("created")
     @classmethod
@@ -146,8 +157,22 @@ class CardManifest(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _pruning(self) -> CardManifest:
+        p = self.pruning
+        if p is None:
+            return self
+        if self.format_minor < 2:
+            raise ValueError("'pruning' needs format 1.2 or later")
+        if self.positions != "explicit" or self.parent is not None:
+            raise ValueError("a pruned card has explicit positions and no parent")
+        if self.tokens.count > p.source_tokens:
+            raise ValueError(f"a pruned card keeps at most its {p.source_tokens} source tokens, not {self.tokens.count}")
+        return self
+
     def to_json_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The manifest as JSON: every key of its format minor (1.0 and 1.1 manifests have no ``pruning``)."""
+        return self.model_dump(mode="json", exclude={"pruning"} if self.format_minor < 2 else None)
 
 
 def token_digest(tokens: np.ndarray) -> str:

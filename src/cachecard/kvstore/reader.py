@@ -30,7 +30,7 @@ from cachecard.errors import (
     NotACardError, UnsupportedCodecError,
 )
 from cachecard.kv import NUMPY_DTYPES, CanonicalKV
-from cachecard.kvstore import layout
+from cachecard.kvstore import fastread, layout
 from cachecard.kvstore.targets import ROOT_KEY, Location, describe, readable, stored_objects
 from cachecard.kvstore.writer import DIGEST_ATTR, MANIFEST_ATTR
 from cachecard.manifest import FORMAT_MAJOR, FORMAT_MINOR, CardManifest, manifest_digest, token_digest
@@ -60,7 +60,8 @@ class Card:
         self._max_expansion = max_expansion
         self._minor = manifest.format_minor
         self._arrays: dict[str, zarr.Array] = {}
-        self._indexed_shards: set[str] = set()  # shard indexes already checked for unstored chunks
+        self._indexed_shards: dict[str, np.ndarray] = {}  # checked shard indexes: (offset, nbytes) per chunk
+        self.fast = True  # decode 1.1 shards with the fast path (kvstore/fastread.py); False: through zarr
         for which in ("k", "v"):  # array metadata must agree with the manifest before anything is decoded
             self._all_kv_arrays(which)
         self._ids = self._read_ids("tokens")
@@ -86,6 +87,16 @@ class Card:
             return self._positions.copy()
         start = self.manifest.start_position
         return np.arange(start, start + self.manifest.tokens.count, dtype=np.int32)
+
+    def next_position(self) -> int:
+        """The RoPE position of the token that continues this card's sequence (after pruning, the source
+        sequence's length, not the last kept position + 1)."""
+        m = self.manifest
+        if m.pruning is not None:
+            return m.pruning.source_tokens
+        if self._positions is not None and len(self._positions):
+            return int(self._positions[-1]) + 1
+        return m.start_position + m.tokens.count
 
     def read(self, layers: range | slice | int | None = None, tokens: slice | int | None = None) -> CanonicalKV:
         """Decode K and V for a contiguous layer range and token range (``tokens=n`` means the first n).
@@ -187,14 +198,18 @@ class Card:
         if arr.shards is not None:
             for key in keys:
                 if key not in self._indexed_shards:
-                    _check_shard_index(self._store, arr, key, self.label, name)
-                    self._indexed_shards.add(key)
+                    self._indexed_shards[key] = _check_shard_index(self._store, arr, key, self.label, name)
         decoded = math.prod(b - a for a, b in bounds) * arr.dtype.itemsize
         stored = sum(s for s in sizes if s is not None)
         if decoded > self._max_expansion * stored + (1 << 20):
             raise ManifestError(f"declares {decoded} decoded bytes for {stored} stored bytes of {name!r}; "
                                 "refusing an implausible shape (a hostile or damaged manifest)",
                                 card=self.label)
+        if self.fast and arr.shards is not None and len(keys) == 1 and sizes[0] is not None:
+            fast = fastread.read_shard_region(self._store, arr, keys[0], sizes[0], self._indexed_shards[keys[0]],
+                                              bounds, self.label, name)
+            if fast is not None:
+                return fast
         try:
             return np.asarray(arr[region])
         except Exception as e:  # noqa: BLE001 - decode failures are located below and reported precisely
@@ -294,9 +309,9 @@ def _same(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-# Manifest migrations per minor, to the current model. 1.0 and 1.1 manifests share fields; they differ
-# in array layout, which Card dispatches on (format_minor).
-MIGRATIONS = {0: _same, 1: _same}
+# Manifest migrations per minor, to the current model. 1.0 and 1.1 manifests share fields (1.2 adds the
+# optional `pruning`); 1.0 differs in array layout, which Card dispatches on (format_minor).
+MIGRATIONS = {0: _same, 1: _same, 2: _same}
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
@@ -340,7 +355,7 @@ def _sizes(store: Store, keys: list[str]) -> list[int | None]:
     return sync(all_())
 
 
-def _check_shard_index(store: Store, arr: zarr.Array, key: str, label: str, name: str) -> None:
+def _check_shard_index(store: Store, arr: zarr.Array, key: str, label: str, name: str) -> np.ndarray:
     """Every inner chunk of a shard must be stored (spec §5.4): zarr would read an empty entry as zeros.
 
     One small suffix read per shard, once per opened card; zarr reads the same bytes again to decode."""
@@ -351,7 +366,9 @@ def _check_shard_index(store: Store, arr: zarr.Array, key: str, label: str, name
     if len(raw) != index_bytes or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
         raise CorruptCardError(f"the shard index of object {key!r} is missing, truncated or fails its "
                                "crc32c; delete the card and save it again", card=label, part=name)
-    empty = int(np.sum(np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)[:, 0] == _EMPTY))
+    index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+    empty = int(np.sum((index[:, 0] == _EMPTY) | (index[:, 1] == _EMPTY)))
     if empty:
         raise CorruptCardError(f"object {key!r} lacks {empty} inner chunks (a writer must store every chunk); "
                                "delete the card and save it again", card=label, part=name)
+    return index

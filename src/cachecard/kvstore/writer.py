@@ -20,7 +20,7 @@ from cachecard.kvstore import layout
 from cachecard.kvstore.shards import write_kv_shard
 from cachecard.kvstore.targets import ROOT_KEY, Location, writable
 from cachecard.manifest import (
-    CardManifest, Codecs, ModelIdentity, ParentRef, Producer, TokenBinding, manifest_digest,
+    CardManifest, Codecs, ModelIdentity, ParentRef, Producer, Pruning, TokenBinding, manifest_digest,
     token_digest,
 )
 
@@ -39,8 +39,10 @@ def write_card(
     parent: ParentRef | None = None,
     positions: Sequence[int] | np.ndarray | None = None,
     runtime: str | None = None,
+    pruning: Pruning | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
+    card_id: str | None = None,
 ) -> CardManifest:
     """Write ``kv`` for ``tokens`` as a new card at ``location`` and return its manifest.
 
@@ -60,6 +62,12 @@ def write_card(
         The card whose first ``parent.tokens`` tokens this card continues; positions then start there.
     positions
         Explicit token positions, for caches whose tokens are not contiguous (pruned caches).
+    pruning
+        The record of a pruned cache (``cachecard.codecs.pruning.prune`` makes it with the positions); the
+        card is then written in format 1.2. Without it the card is format 1.1, readable by older readers.
+    card_id
+        The new card's id (32 lowercase hex digits); a random UUID4 by default. The store picks ids itself
+        so a card's location can be named after it.
     """
     ids = _token_array(tokens, kv.num_tokens)
     pos = None if positions is None else _positions_array(positions, kv.num_tokens)
@@ -69,7 +77,7 @@ def write_card(
         raise ValueError(f"chunk_tokens must be in [1, 1048576]; got {chunk_tokens}.")
 
     manifest = CardManifest(
-        card_id=uuid.uuid4().hex,
+        card_id=card_id if card_id is not None else uuid.uuid4().hex,
         created=datetime.now(timezone.utc),
         producer=Producer(version=__version__, runtime=runtime),
         model=model,
@@ -78,6 +86,8 @@ def write_card(
         positions="explicit" if pos is not None else "contiguous",
         parent=parent,
         codecs=Codecs(k=k_codec, v=v_codec),
+        format_minor=2 if pruning is not None else 1,
+        pruning=pruning,
     )
     # Unknown presets and codecs that cannot take this KV fail here, before anything is written.
     pipelines = {"k": pipeline(k_codec, "k", kv.k, model), "v": pipeline(v_codec, "v", kv.v, model)}

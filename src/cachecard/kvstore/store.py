@@ -1,0 +1,1056 @@
+"""Agent memory over cards: a store of cards with an LMDB prefix index (DESIGN.md §4).
+
+A store is a directory or an fsspec URL (``s3://bucket/prefix``, ``memory://…``) laid out as::
+
+    cachecard-store.json            {"cachecard_store": 1, "block_tokens": B, ...}: written once, at creation
+    cards/<id[:2]>/<id>/            one card (spec/cachecard-1.md), immutable, named by its card_id
+    refs/<agent>/<id>               an agent's reference to a card (tiny JSON object; its existence counts)
+    index/                          the LMDB index (local stores only; elsewhere a local path, see Store)
+
+The cards and refs objects are the source of truth; the index is derived and ``reindex`` rebuilds it.
+Commit order of a put: card data, card manifest (``write_card``: atomic), ref object, index entry. Deleting
+runs the other way: ref object, index entry, card data. A crash in between leaves at most an orphan that
+``gc`` collects (or adopts, when a ref object says an agent owns it).
+
+Sharing. ``put`` looks up the longest cached prefix of the new sequence (same model, same codec presets,
+any agent) and writes only the tokens after it, as a card whose manifest ``parent`` points at that prefix.
+So N agents that share a context store it once, and saving after every turn writes only the new turn.
+Reference counts: a card's data is removed only when no agent references it and no other card continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import fsspec
+import numpy as np
+
+from cachecard.errors import (
+    AgentIdError, CacheCardError, CardInUseError, CardNotFoundError, CorruptCardError, IdentityMismatchError,
+    IncompleteCardError, KVShapeError, StoreError, StoreFullError,
+)
+from cachecard.kv import CanonicalKV
+from cachecard.kvstore import index as ix
+from cachecard.kvstore import layout
+from cachecard.kvstore.reader import Card, open_card
+from cachecard.kvstore.writer import write_card
+from cachecard.manifest import CardManifest, ModelIdentity, ParentRef
+
+STORE_FILE = "cachecard-store.json"
+STORE_VERSION = 1
+DEFAULT_BLOCK_TOKENS = 64
+DEFAULT_GRACE_S = 3600.0     # gc leaves unindexed data younger than this alone: a put may still be writing it
+AGENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+CARD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+ATIME_RESOLUTION_S = 1.0    # last-access times (LRU) are kept to this resolution
+_OPEN_CACHE = 64             # opened cards kept per Store (metadata and token ids only)
+Progress = Callable[[int, int], None]
+
+
+def check_agent(agent: object) -> str:
+    """Return ``agent`` if it is a valid agent id, else raise :class:`AgentIdError` saying why."""
+    if not isinstance(agent, str):
+        raise AgentIdError(f"an agent id must be a string; got {type(agent).__name__} {agent!r}")
+    if not AGENT_RE.match(agent):
+        why = ("is empty" if not agent else "is longer than 128 characters" if len(agent) > 128
+               else "holds a path separator" if "/" in agent or "\\" in agent
+               else "holds a control character" if any(ord(ch) < 32 or ord(ch) == 127 for ch in agent)
+               else "must start with a letter or digit and use only letters, digits and . _ @ + -")
+        raise AgentIdError(f"agent id {agent!r} {why}; agent ids are 1-128 characters from [A-Za-z0-9._@+-], "
+                           "starting with a letter or digit")
+    return agent
+
+
+def check_card_id(card_id: object) -> str:
+    if not isinstance(card_id, str) or not CARD_ID_RE.match(card_id):
+        raise CardNotFoundError(f"{card_id!r} is not a card id (32 lowercase hex digits); list cards with "
+                                "`cachecard ls`")
+    return card_id
+
+
+@dataclass(frozen=True)
+class Match:
+    """The longest cached prefix of a token sequence: ``tokens`` tokens of card ``card_id``'s sequence."""
+
+    card_id: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    card_id: str
+    agents: tuple[str, ...]
+    tokens: int            # tokens stored in this card
+    total: int             # tokens of the whole sequence (parent prefix included)
+    parent: str | None
+    parent_tokens: int
+    children: int
+    bytes: int
+    codecs: tuple[str, str]
+    created: float
+    accessed: float
+    model: str             # model key (hex) prefix
+
+
+@dataclass
+class GcReport:
+    orphans_deleted: list[str] = field(default_factory=list)   # unindexed, unreferenced cards removed
+    partial_deleted: list[str] = field(default_factory=list)   # staging / trash / incomplete objects removed
+    adopted: list[str] = field(default_factory=list)           # committed cards added back to the index
+    freed: list[str] = field(default_factory=list)             # indexed cards nobody referenced, removed
+    refs_fixed: int = 0
+    lost: list[str] = field(default_factory=list)              # indexed cards whose data is gone
+    bytes_freed: int = 0
+
+
+@dataclass
+class VerifyStoreReport:
+    checked: int = 0
+    ok: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ReindexReport:
+    cards: int = 0
+    refs: int = 0
+    blocks: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+class Store:
+    """A store of cards for agents: put / match / load / handoff / delete / evict / gc / verify / reindex.
+
+    Parameters
+    ----------
+    root
+        A local directory or an fsspec URL (``s3://bucket/prefix``, ``memory://name``).
+    index
+        Where the LMDB index lives (always on local disk). Default: ``<root>/index`` for a local store, and
+        ``$XDG_CACHE_HOME/cachecard/index/<sha256(url)[:16]>`` for a URL.
+    create
+        Create the store if it does not exist (else :class:`StoreError`).
+    block_tokens
+        Prefix-index granularity ``B`` for a new store (an existing store keeps its own).
+    storage_options
+        fsspec options for a URL (e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for S3).
+    map_size
+        Initial LMDB map size; it doubles by itself whenever it fills.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, index: str | os.PathLike[str] | None = None,
+                 create: bool = True, block_tokens: int | None = None,
+                 storage_options: dict[str, Any] | None = None, map_size: int = ix.DEFAULT_MAP_SIZE) -> None:
+        self.root_label = str(root)
+        self._opts = dict(storage_options or {})
+        url = str(root)
+        self.remote = "://" in url and not url.startswith("file://")
+        if self.remote:
+            self.fs, self._base = fsspec.core.url_to_fs(url, **self._opts)
+            self._base = self._base.rstrip("/")
+        else:
+            self.fs = fsspec.filesystem("file")
+            self._base = str(Path(url.removeprefix("file://")).absolute())
+        self.block_tokens = self._open_root(create, block_tokens)
+        if index is None:
+            if self.remote:
+                import hashlib
+
+                cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                index = cache / "cachecard" / "index" / hashlib.sha256(url.encode()).hexdigest()[:16]
+            else:
+                index = Path(self._base) / "index"
+        try:
+            self.index = ix.Index(index, map_size=map_size)
+        except OSError as e:
+            raise ix._os_error(e, "cannot create the index") from e
+        self._cards: dict[str, Card] = {}
+        self.atime_resolution_s = ATIME_RESOLUTION_S
+        self._check_meta()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._cards.clear()
+        self.index.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open_root(self, create: bool, block_tokens: int | None) -> int:
+        marker = f"{self._base}/{STORE_FILE}"
+        try:
+            doc = json.loads(self.fs.cat_file(marker))
+        except FileNotFoundError:
+            doc = None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"{marker!r} is not valid JSON ({e}); this is not a cachecard store") from e
+        if doc is None:
+            if not create:
+                raise StoreError(f"no cachecard store at {self.root_label!r} (no {STORE_FILE}); create it with "
+                                 "Store(..., create=True)")
+            b = DEFAULT_BLOCK_TOKENS if block_tokens is None else block_tokens
+            if not isinstance(b, int) or not 1 <= b <= 1 << 16:
+                raise StoreError(f"block_tokens must be an integer in [1, 65536]; got {b!r}")
+            doc = {"cachecard_store": STORE_VERSION, "block_tokens": b,
+                   "layout": "cards/<id[:2]>/<id>, refs/<agent>/<id>", "hash": "blake2b-128 chained, int32 LE"}
+            self._write_small(marker, json.dumps(doc, indent=1).encode())
+        if not isinstance(doc, dict) or doc.get("cachecard_store") != STORE_VERSION:
+            raise StoreError(f"{marker!r} is not a version {STORE_VERSION} cachecard store "
+                             f"(cachecard_store={doc.get('cachecard_store') if isinstance(doc, dict) else doc!r}); "
+                             "upgrade cachecard")
+        b = doc.get("block_tokens")
+        if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 1 << 16:
+            raise StoreError(f"{marker!r} has an invalid block_tokens {b!r}")
+        if block_tokens is not None and block_tokens != b:
+            raise StoreError(f"the store at {self.root_label!r} uses block_tokens={b}, not {block_tokens}; "
+                             "leave block_tokens unset to use the store's")
+        return b
+
+    def _check_meta(self) -> None:
+        def check(txn: Any) -> None:
+            got = self.index.get_json(txn, "meta", b"store")
+            want = {"version": ix.INDEX_VERSION, "block_tokens": self.block_tokens}
+            if got is None:
+                self.index.put_json(txn, "meta", b"store", want)
+            elif got != want:
+                raise StoreError(f"the index at {str(self.index.path)!r} was built for {got}, not {want}; "
+                                 "delete it and run `cachecard reindex`")
+
+        self.index.write(check)
+
+    # -- locations ----------------------------------------------------------------------------------------
+    def _rel_card(self, card_id: str) -> str:
+        return f"cards/{card_id[:2]}/{card_id}"
+
+    def card_location(self, card_id: str) -> str:
+        """Where card ``card_id`` lives: a local path or a URL (readable with ``open_card``)."""
+        path = f"{self._base}/{self._rel_card(check_card_id(card_id))}"
+        return self.fs.unstrip_protocol(path) if self.remote else path
+
+    def _write_small(self, path: str, data: bytes) -> None:
+        try:
+            if not self.remote:
+                p = Path(path)
+                p.parent.mkdir(parents=True, exist_ok=True)
+                tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, p)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as e:
+            raise ix._os_error(e, f"cannot write {path!r}") from e
+
+    def _ref_path(self, agent: str, card_id: str) -> str:
+        return f"{self._base}/refs/{agent}/{card_id}"
+
+    def _write_ref(self, agent: str, card_id: str) -> None:
+        self._write_small(self._ref_path(agent, card_id),
+                          json.dumps({"agent": agent, "card_id": card_id, "time": time.time()}).encode())
+
+    def _delete_ref(self, agent: str, card_id: str) -> None:
+        try:
+            self.fs.rm_file(self._ref_path(agent, card_id))
+        except FileNotFoundError:
+            pass
+
+    # -- put ----------------------------------------------------------------------------------------------
+    def put(self, kv: CanonicalKV, tokens: Sequence[int] | np.ndarray, model: ModelIdentity, *, agent: str,
+            codec: str | tuple[str, str] = "lossless", chunk_tokens: int = layout.DEFAULT_CHUNK_TOKENS,
+            share: bool = True) -> str:
+        """Save ``kv`` (all of ``tokens``, every layer) for ``agent``; return the card id that holds it.
+
+        With ``share`` (the default) the longest cached prefix of ``tokens`` (same model and codec presets,
+        any agent) is reused through a parent reference and only the tokens after it are written; if the
+        whole sequence is already a card, no data is written and the agent just gains a reference to it.
+        """
+        check_agent(agent)
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or len(ids) != kv.num_tokens:
+            raise KVShapeError(f"need one token id per cached token: KV holds {kv.num_tokens} tokens, got ids of "
+                               f"shape {ids.shape}")
+        if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() > 2**31 - 1):
+            raise KVShapeError("token ids must be integers in [0, 2**31-1]")
+        ids = ids.astype("<i4")
+        codecs = (codec, codec) if isinstance(codec, str) else tuple(codec)
+        mkey = ix.model_key(model)
+        raw = ix.token_bytes(ids)
+        hashes = ix.chain(mkey, raw, self.block_tokens)
+        n = len(ids)
+        for _attempt in range(8):
+            plan = self.index.write(lambda txn: self._plan_put(txn, mkey, ids, raw, hashes, codecs, agent, share))
+            if plan[0] == "existing":
+                card_id = plan[1]
+                self._write_ref(agent, card_id)
+                if self.index.write(lambda txn: self._add_ref_txn(txn, agent, card_id)):
+                    return card_id
+                self._delete_ref(agent, card_id)  # the card went away in between: plan again
+                continue
+            _, card_id, parent = plan
+            break
+        else:  # pragma: no cover - needs 8 lost races in a row
+            raise StoreError("could not place the card: other processes kept deleting its prefix; try again")
+        p = parent.tokens if parent else 0
+        try:
+            sub = CanonicalKV(kv.k[:, :, p:], kv.v[:, :, p:])
+            manifest = write_card(self.card_location(card_id), sub, ids[p:], model, codec=codec,
+                                  chunk_tokens=chunk_tokens, parent=parent, card_id=card_id,
+                                  storage_options=self._opts or None)
+            nbytes = self._card_bytes(card_id)
+            self._write_ref(agent, card_id)
+        except BaseException as e:
+            self._abandon(card_id, parent, agent)
+            if isinstance(e, OSError) and not isinstance(e, CacheCardError):
+                raise ix._os_error(e, f"cannot write card {card_id}") from e
+            raise
+        tail = None
+        t = n - len(hashes) * self.block_tokens
+        if t:
+            tail = (ix.tail_key(mkey, hashes), t, ix.tail_hash(mkey, hashes, raw[4 * (n - t):]))
+        record = self._record(manifest, mkey, nbytes, total=n)
+        self.index.write(lambda txn: self._commit_txn(txn, card_id, record, hashes, tail, agent))
+        return card_id
+
+    def _plan_put(self, txn: Any, mkey: bytes, ids: np.ndarray, raw: bytes, hashes: list[bytes],
+                  codecs: tuple[str, ...], agent: str, share: bool) -> tuple[Any, ...]:
+        m = self._match_txn(txn, mkey, raw, hashes, agent=None, codecs=codecs) if share else None
+        if m is not None and m.tokens == len(ids):
+            rec = self.index.get_json(txn, "cards", ix.cid(m.card_id))
+            if rec["start"] + rec["tokens"] == len(ids):
+                return ("existing", m.card_id)
+        card_id = uuid.uuid4().hex
+        parent = ParentRef(card_id=m.card_id, tokens=m.tokens) if m is not None else None
+        if parent is not None:  # pin the parent: nobody may collect it while this card is written
+            txn.put(ix.cid(m.card_id) + ix.cid(card_id), b"", db=self.index.dbs["children"])
+        self.index.put_json(txn, "pending", ix.cid(card_id), {"parent": m.card_id if m else None, "agent": agent,
+                                                              "time": time.time()})
+        return ("new", card_id, parent)
+
+    def _abandon(self, card_id: str, parent: ParentRef | None, agent: str) -> None:
+        """Undo a put that failed before its index commit (best effort; gc finishes the job otherwise)."""
+        try:
+            self._delete_ref(agent, card_id)
+            self._delete_card_data(card_id)
+        except Exception:  # noqa: BLE001 - the original error matters more; gc collects what is left
+            pass
+
+        def undo(txn: Any) -> None:
+            txn.delete(ix.cid(card_id), db=self.index.dbs["pending"])
+            if parent is not None:
+                txn.delete(ix.cid(parent.card_id) + ix.cid(card_id), db=self.index.dbs["children"])
+
+        try:
+            self.index.write(undo)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _record(self, manifest: CardManifest, mkey: bytes, nbytes: int, *, total: int) -> dict[str, Any]:
+        p = manifest.parent
+        return {"model": mkey.hex(), "start": p.tokens if p else 0, "tokens": manifest.tokens.count,
+                "parent": p.card_id if p else None, "bytes": nbytes,
+                "codecs": [manifest.codecs.k, manifest.codecs.v], "created": manifest.created.timestamp()}
+
+    def _commit_txn(self, txn: Any, card_id: str, record: dict[str, Any], hashes: list[bytes],
+                    tail: tuple[bytes, int, bytes] | None, agent: str | None, agents: Iterable[str] = (),
+                    atime: float | None = None) -> None:
+        d = self.index.dbs
+        c = ix.cid(card_id)
+        if tail is not None:
+            record["tail"] = [tail[0].hex(), tail[1], tail[2].hex()]
+            txn.put(tail[0], ix.pack_tail(c, tail[1], tail[2]), db=d["tails"], dupdata=True)
+        self.index.put_json(txn, "cards", c, record)
+        txn.put(c, b"".join(hashes), db=d["cblocks"])
+        for h in hashes:
+            txn.put(h, c, db=d["blocks"], dupdata=True)
+        if record["parent"]:
+            txn.put(ix.cid(record["parent"]) + c, b"", db=d["children"])
+        now = time.time()
+        for a in ([agent] if agent else []) + list(agents):
+            txn.put(ix.ref_key(a, c), ix.f64(now), db=d["refs"])
+            txn.put(c + a.encode(), b"", db=d["owners"])
+        txn.put(c, ix.f64(atime if atime is not None else now), db=d["atime"])
+        txn.delete(c, db=d["pending"])
+
+    def _add_ref_txn(self, txn: Any, agent: str, card_id: str) -> bool:
+        c = ix.cid(card_id)
+        if txn.get(c, db=self.index.dbs["cards"]) is None:
+            return False
+        txn.put(ix.ref_key(agent, c), ix.f64(time.time()), db=self.index.dbs["refs"])
+        txn.put(c + agent.encode(), b"", db=self.index.dbs["owners"])
+        txn.put(c, ix.f64(time.time()), db=self.index.dbs["atime"])
+        return True
+
+    def _card_bytes(self, card_id: str) -> int:
+        path = f"{self._base}/{self._rel_card(card_id)}"
+        if not self.remote:
+            return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        return sum(info["size"] for info in self.fs.find(path, detail=True).values())
+
+    # -- match --------------------------------------------------------------------------------------------
+    def match(self, tokens: Sequence[int] | np.ndarray, model: ModelIdentity, agent: str | None = None) -> Match | None:
+        """The longest cached prefix of ``tokens`` for ``model`` (only among ``agent``'s cards if given),
+        or ``None``. Matches end on a block boundary (``block_tokens``) or exactly where a card ends."""
+        if agent is not None:
+            check_agent(agent)
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() > 2**31 - 1)):
+            raise KVShapeError("tokens must be a 1-d sequence of token ids in [0, 2**31-1]")
+        mkey = ix.model_key(model)
+        raw = ix.token_bytes(ids)
+        hashes = ix.chain(mkey, raw, self.block_tokens)
+        with self.index.read() as txn:
+            return self._match_txn(txn, mkey, raw, hashes, agent=agent, codecs=None)
+
+    def _match_txn(self, txn: Any, mkey: bytes, raw: bytes, hashes: list[bytes], *, agent: str | None,
+                   codecs: tuple[str, ...] | None) -> Match | None:
+        d = self.index.dbs
+
+        def visible(c: bytes) -> bool:
+            if agent is not None and txn.get(ix.ref_key(agent, c), db=d["refs"]) is None:
+                return False
+            if codecs is not None:
+                rec = self.index.get_json(txn, "cards", c)
+                if rec is None or tuple(rec["codecs"]) != codecs:
+                    return False
+            return True
+
+        def holder(i: int) -> bytes | None:  # a visible card holding block i-1 (i >= 1)
+            for c in self.index.dups(txn, "blocks", hashes[i - 1]):
+                if visible(c):
+                    return c
+            return None
+
+        lo, hi, best = 0, len(hashes), None  # the number of matched blocks is in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            c = holder(mid)
+            if c is not None:
+                lo, best = mid, c
+            else:
+                hi = mid - 1
+        B = self.block_tokens
+        n_tok = len(raw) // 4
+        matched = lo * B
+        # a card that ends inside the next block
+        key = hashes[lo - 1] if lo else mkey[:ix.HASH_BYTES]
+        prev = hashes[lo - 1] if lo else mkey
+        seen: dict[int, bytes] = {}
+        best_tail = 0
+        for value in self.index.dups(txn, "tails", key):
+            c, t, h = ix.unpack_tail(value)
+            if t <= best_tail or matched + t > n_tok:
+                continue
+            if t not in seen:
+                seen[t] = ix._h(prev, raw[4 * matched:4 * (matched + t)])
+            if seen[t] == h and visible(c):
+                best_tail, best = t, c
+        if best is None:
+            return None
+        return Match(best.hex(), matched + best_tail)
+
+    # -- load ---------------------------------------------------------------------------------------------
+    def load(self, what: str | Match, *, tokens: int | slice | range | None = None,
+             layers: range | slice | int | None = None, model: ModelIdentity | None = None) -> CanonicalKV:
+        """Canonical KV of a card's sequence (its parents' prefix included): by default all of it, or the
+        matched prefix of a :class:`Match`. ``tokens=n`` means the first n; only needed chunks are read,
+        in parallel across the cards of the chain. With ``model``, a card of another model is refused."""
+        card_id, default = (what.card_id, what.tokens) if isinstance(what, Match) else (what, None)
+        check_card_id(card_id)
+        rec = self._rec(card_id)
+        total = rec["start"] + rec["tokens"]
+        if model is not None and ix.model_key(model).hex() != rec["model"]:
+            card = self._open(card_id, rec)
+            diffs = card.manifest.model.mismatches(model)
+            raise IdentityMismatchError("the card was made by another model: " + "; ".join(diffs or ["model key"]),
+                                        card=card_id)
+        if tokens is None:
+            tokens = default if default is not None else total
+        if isinstance(tokens, int) and not isinstance(tokens, bool):
+            if not 0 <= tokens <= total:
+                raise IndexError(f"card {card_id} holds {total} tokens; cannot load {tokens}")
+            tokens = range(0, tokens)
+        elif isinstance(tokens, slice):
+            tokens = range(*tokens.indices(total))
+        if not isinstance(tokens, range) or tokens.step != 1 or tokens.start < 0 or tokens.stop > total:
+            raise ValueError(f"tokens must be an int, or a contiguous range within [0, {total}); got {tokens!r}")
+        segs = self._segments(card_id, rec, tokens.start, max(tokens.start, tokens.stop))
+        try:
+            cards = [self._open(c, r) for c, r, _, _ in segs]
+
+            def read(i: int) -> CanonicalKV:
+                _, _, a, b = segs[i]
+                return cards[i].read(layers=layers, tokens=slice(a, b))
+
+            if len(segs) == 1:
+                parts = [read(0)]
+            else:
+                with ThreadPoolExecutor(min(8, len(segs))) as pool:
+                    parts = list(pool.map(read, range(len(segs))))
+        except (CardNotFoundError, IncompleteCardError, CorruptCardError, OSError) as e:
+            if any(self._rec(c, missing_ok=True) is None for c, _, _, _ in segs):
+                raise CardNotFoundError("the card was deleted while it was being read", card=card_id) from e
+            raise
+        self._touch(card_id)
+        if len(parts) == 1:
+            return parts[0]
+        return CanonicalKV(np.concatenate([p.k for p in parts], axis=2), np.concatenate([p.v for p in parts], axis=2))
+
+    def tokens_of(self, card_id: str) -> np.ndarray:
+        """The whole token sequence of a card (its parents' prefix included)."""
+        rec = self._rec(check_card_id(card_id))
+        segs = self._segments(card_id, rec, 0, rec["start"] + rec["tokens"])
+        parts = [self._open(c, r).token_ids()[a:b] for c, r, a, b in segs]
+        return np.concatenate(parts) if parts else np.zeros(0, "<i4")
+
+    def _segments(self, card_id: str, rec: dict[str, Any], a: int, b: int) -> list[tuple[str, dict[str, Any], int, int]]:
+        """(card, record, own start, own stop) pieces that make tokens [a, b) of ``card_id``'s sequence."""
+        out = []
+        while True:
+            s = rec["start"]
+            if b > s:
+                out.append((card_id, rec, max(a, s) - s, b - s))
+            if a >= s or rec["parent"] is None:
+                break
+            b = min(b, s)
+            card_id = rec["parent"]
+            rec = self._rec(card_id)
+        out.reverse()
+        return out or [(card_id, rec, 0, 0)]
+
+    def _rec(self, card_id: str, missing_ok: bool = False) -> dict[str, Any] | None:
+        with self.index.read() as txn:
+            rec = self.index.get_json(txn, "cards", ix.cid(card_id))
+        if rec is None and not missing_ok:
+            raise CardNotFoundError("no such card in this store (deleted, never stored, or the index is stale: "
+                                    "run `cachecard reindex`)", card=card_id)
+        return rec
+
+    def _open(self, card_id: str, rec: dict[str, Any]) -> Card:
+        card = self._cards.get(card_id)
+        if card is None:
+            card = open_card(self.card_location(card_id), storage_options=self._opts or None)
+            m = card.manifest
+            problems = []
+            if m.card_id != card_id:
+                problems.append(f"its manifest says card_id {m.card_id}")
+            if ix.model_key(m.model).hex() != rec["model"]:
+                problems.append("its model identity differs from the one indexed")
+            if (m.parent.card_id if m.parent else None) != rec["parent"] or m.start_position != rec["start"] \
+                    or m.tokens.count != rec["tokens"]:
+                problems.append("its parent or token count differs from the index")
+            if problems:
+                raise CorruptCardError("the card stored under this id does not match the index (" + "; ".join(problems)
+                                       + "); run `cachecard verify` and `cachecard reindex`", card=card_id)
+            if len(self._cards) >= _OPEN_CACHE:
+                self._cards.pop(next(iter(self._cards)))
+            self._cards[card_id] = card
+        return card
+
+    def _touch(self, card_id: str) -> None:
+        """Record an access for LRU eviction; at most one index commit per card per ATIME_RESOLUTION_S
+        (like relatime; ``atime_resolution_s``), so frequent loads do not each pay an fsync."""
+        c = ix.cid(card_id)
+        with self.index.read() as txn:
+            last = txn.get(c, db=self.index.dbs["atime"])
+        if last is not None and time.time() - ix.unf64(last) < self.atime_resolution_s:
+            return
+
+        def touch(txn: Any) -> None:
+            if txn.get(c, db=self.index.dbs["cards"]) is not None:
+                txn.put(c, ix.f64(time.time()), db=self.index.dbs["atime"])
+
+        self.index.write(touch)
+
+    # -- sharing and removal ------------------------------------------------------------------------------
+    def handoff(self, card_id: str, to_agent: str, *, from_agent: str | None = None) -> None:
+        """Give ``to_agent`` a reference to a card (no copy, no re-quantization). With ``from_agent``, the
+        reference moves: ``from_agent`` loses its own (the data stays while anyone references it)."""
+        check_card_id(card_id)
+        check_agent(to_agent)
+        if from_agent is not None:
+            check_agent(from_agent)
+            with self.index.read() as txn:
+                if txn.get(ix.ref_key(from_agent, ix.cid(card_id)), db=self.index.dbs["refs"]) is None:
+                    raise CardNotFoundError(f"agent {from_agent!r} holds no reference to this card", card=card_id)
+        self._rec(card_id)
+        self._write_ref(to_agent, card_id)
+        if not self.index.write(lambda txn: self._add_ref_txn(txn, to_agent, card_id)):
+            self._delete_ref(to_agent, card_id)
+            raise CardNotFoundError("the card was deleted before the handoff committed", card=card_id)
+        if from_agent is not None and from_agent != to_agent:
+            self.delete(card_id, agent=from_agent)
+
+    def delete(self, card_id: str, agent: str | None = None) -> list[str]:
+        """Remove ``agent``'s reference to a card (every agent's with ``agent=None``); return the ids of
+        cards whose data was removed because nothing references them any more (the card, then parents
+        that only it continued). A card other cards continue stays as their parent, without agents."""
+        check_card_id(card_id)
+        c = ix.cid(card_id)
+        with self.index.read() as txn:
+            if txn.get(c, db=self.index.dbs["cards"]) is None:
+                raise CardNotFoundError("no such card in this store", card=card_id)
+            agents = [k[16:].decode() for k, _ in self.index.prefixed(txn, "owners", c)]
+        if agent is not None:
+            check_agent(agent)
+            if agent not in agents:
+                raise CardNotFoundError(f"agent {agent!r} holds no reference to this card", card=card_id)
+            agents = [agent]
+        for a in agents:
+            self._delete_ref(a, card_id)
+
+        def unref(txn: Any) -> None:
+            for a in agents:
+                txn.delete(ix.ref_key(a, c), db=self.index.dbs["refs"])
+                txn.delete(c + a.encode(), db=self.index.dbs["owners"])
+
+        self.index.write(unref)
+        return self._collect([card_id])
+
+    def drop_agent(self, agent: str) -> list[str]:
+        """Remove every reference ``agent`` holds; return the ids of cards whose data was removed."""
+        freed = []
+        for info in self.cards(agent=check_agent(agent)):
+            try:
+                freed += self.delete(info.card_id, agent=agent)
+            except CardNotFoundError:
+                pass  # removed concurrently
+        return freed
+
+    def _collect(self, candidates: list[str]) -> list[str]:
+        """Remove each candidate that no agent and no child references (then its parent, and so on)."""
+        freed = []
+        todo = list(candidates)
+        while todo:
+            card_id = todo.pop()
+            rec = self.index.write(lambda txn: self._unindex_if_unused(txn, card_id))
+            if rec is None:
+                continue
+            self._delete_card_data(card_id)
+            self._cards.pop(card_id, None)
+            freed.append(card_id)
+            if rec["parent"]:
+                todo.append(rec["parent"])
+        return freed
+
+    def _unindex_if_unused(self, txn: Any, card_id: str) -> dict[str, Any] | None:
+        c = ix.cid(card_id)
+        rec = self.index.get_json(txn, "cards", c)
+        if rec is None or any(True for _ in self.index.prefixed(txn, "owners", c)) \
+                or any(True for _ in self.index.prefixed(txn, "children", c)):
+            return None
+        self._unindex_txn(txn, card_id, rec)
+        return rec
+
+    def _unindex_txn(self, txn: Any, card_id: str, rec: dict[str, Any]) -> None:
+        d = self.index.dbs
+        c = ix.cid(card_id)
+        hashes = txn.get(c, db=d["cblocks"]) or b""
+        for i in range(0, len(hashes), ix.HASH_BYTES):
+            txn.delete(hashes[i:i + ix.HASH_BYTES], c, db=d["blocks"])
+        if rec.get("tail"):
+            k, t, h = rec["tail"]
+            txn.delete(bytes.fromhex(k), ix.pack_tail(c, t, bytes.fromhex(h)), db=d["tails"])
+        for k, _ in list(self.index.prefixed(txn, "owners", c)):
+            txn.delete(ix.ref_key(k[16:].decode(), c), db=d["refs"])
+            txn.delete(k, db=d["owners"])
+        if rec["parent"]:
+            txn.delete(ix.cid(rec["parent"]) + c, db=d["children"])
+        for name in ("cards", "cblocks", "atime", "pending"):
+            txn.delete(c, db=d[name])
+
+    def _delete_card_data(self, card_id: str) -> None:
+        path = f"{self._base}/{self._rel_card(card_id)}"
+        if not self.remote:
+            p = Path(path)
+            if not p.exists():
+                return
+            trash = p.parent / f".{card_id}.trash-{uuid.uuid4().hex}"
+            os.rename(p, trash)  # the card disappears at once; a crash leaves trash that gc removes
+            shutil.rmtree(trash, ignore_errors=True)
+            return
+        try:
+            self.fs.rm_file(f"{path}/zarr.json")  # un-commit first: readers see an incomplete card
+        except FileNotFoundError:
+            pass
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def evict(self, max_bytes: int, *, agent: str | None = None) -> list[str]:
+        """Bring the store (or, with ``agent``, that agent's footprint) down to ``max_bytes``, least recently
+        used first.
+
+        Store-wide, whole cards are removed, least recently used leaves first (a card that other cards
+        continue goes only after them), whichever agents referenced them. With ``agent``, only that agent's
+        references are dropped, LRU first, until the cards it references total at most ``max_bytes``; data is
+        removed only where no other agent or card still uses it. Returns the ids of cards removed."""
+        if agent is not None:
+            check_agent(agent)
+        freed: list[str] = []
+        while True:
+            with self.index.read() as txn:
+                d = self.index.dbs
+                if agent is None:
+                    total = sum(json.loads(v)["bytes"] for _, v in txn.cursor(db=d["cards"]))
+                    pool = [k for k, _ in txn.cursor(db=d["cards"])
+                            if not any(True for _ in self.index.prefixed(txn, "children", k))]
+                else:
+                    mine = [k[len(agent) + 1:] for k, _ in self.index.prefixed(txn, "refs", agent.encode() + b"\x00")]
+                    total = sum(self.index.get_json(txn, "cards", c)["bytes"] for c in mine)
+                    pool = mine
+                if total <= max_bytes or not pool:
+                    return freed
+                victim = min(pool, key=lambda c: ix.unf64(txn.get(c, db=d["atime"]) or ix.f64(0.0))).hex()
+            try:
+                freed += self.delete(victim, agent=agent)
+            except CardNotFoundError:
+                continue
+
+    # -- listing and stats --------------------------------------------------------------------------------
+    def cards(self, agent: str | None = None) -> list[CardInfo]:
+        """Every indexed card (only ``agent``'s with ``agent``), oldest first."""
+        out = []
+        with self.index.read() as txn:
+            d = self.index.dbs
+            if agent is not None:
+                keys = [k[len(check_agent(agent)) + 1:]
+                        for k, _ in self.index.prefixed(txn, "refs", agent.encode() + b"\x00")]
+            else:
+                keys = [k for k, _ in txn.cursor(db=d["cards"])]
+            for c in keys:
+                rec = self.index.get_json(txn, "cards", c)
+                if rec is None:
+                    continue
+                out.append(CardInfo(
+                    card_id=c.hex(), agents=tuple(k[16:].decode() for k, _ in self.index.prefixed(txn, "owners", c)),
+                    tokens=rec["tokens"], total=rec["start"] + rec["tokens"], parent=rec["parent"],
+                    parent_tokens=rec["start"], children=sum(1 for _ in self.index.prefixed(txn, "children", c)),
+                    bytes=rec["bytes"], codecs=tuple(rec["codecs"]), created=rec["created"],  # type: ignore[arg-type]
+                    accessed=ix.unf64(txn.get(c, db=d["atime"]) or ix.f64(0.0)), model=rec["model"][:16]))
+        out.sort(key=lambda i: (i.created, i.card_id))
+        return out
+
+    def agents(self) -> dict[str, int]:
+        """Each agent and how many cards it references."""
+        counts: dict[str, int] = {}
+        with self.index.read() as txn:
+            for k, _ in txn.cursor(db=self.index.dbs["refs"]):
+                a = k[:-17].decode()
+                counts[a] = counts.get(a, 0) + 1
+        return counts
+
+    def stats(self) -> dict[str, Any]:
+        with self.index.read() as txn:
+            d = self.index.dbs
+            recs = [json.loads(v) for _, v in txn.cursor(db=d["cards"])]
+            n = {name: self.index.count(txn, name) for name in ("blocks", "tails", "refs", "pending")}
+        stored = sum(r["tokens"] for r in recs)
+        represented = sum(r["start"] + r["tokens"] for r in recs)
+        return {
+            "store": self.root_label, "index": str(self.index.path), "block_tokens": self.block_tokens,
+            "cards": len(recs), "agents": len(self.agents()), "references": n["refs"], "blocks": n["blocks"],
+            "tails": n["tails"], "puts_in_progress": n["pending"], "bytes": sum(r["bytes"] for r in recs),
+            "tokens_stored": stored, "tokens_represented": represented,
+            "sharing": represented / stored if stored else 1.0,
+            "index_bytes": self.index.used_bytes(), "index_map_size": self.index.env.info()["map_size"],
+        }
+
+    # -- store scans: gc, verify, reindex -----------------------------------------------------------------
+    def _scan(self) -> tuple[dict[str, dict[str, Any]], list[tuple[str, float]], set[tuple[str, str]]]:
+        """The store's cards ({id: {committed, mtime, bytes}}), junk paths with their age, and refs."""
+        cards: dict[str, dict[str, Any]] = {}
+        junk: list[tuple[str, float]] = []
+        refs: set[tuple[str, str]] = set()
+        base = self._base
+        if not self.remote:
+            root = Path(base) / "cards"
+            if root.is_dir():
+                for sub in os.scandir(root):
+                    if not sub.is_dir(follow_symlinks=False):
+                        continue
+                    for e in os.scandir(sub.path):
+                        st = e.stat(follow_symlinks=False)
+                        if CARD_ID_RE.match(e.name) and e.is_dir(follow_symlinks=False):
+                            committed = os.path.exists(os.path.join(e.path, "zarr.json"))
+                            cards[e.name] = {"committed": committed, "mtime": st.st_mtime}
+                        elif e.name.startswith("."):
+                            junk.append((e.path, st.st_mtime))
+            rroot = Path(base) / "refs"
+            if rroot.is_dir():
+                for a in os.scandir(rroot):
+                    if a.is_dir(follow_symlinks=False) and AGENT_RE.match(a.name):
+                        for r in os.scandir(a.path):
+                            if CARD_ID_RE.match(r.name):
+                                refs.add((a.name, r.name))
+                            elif r.name.startswith("."):
+                                junk.append((r.path, r.stat(follow_symlinks=False).st_mtime))
+            return cards, junk, refs
+        for path, info in self.fs.find(f"{base}/cards", detail=True).items():
+            parts = path[len(base) + 1:].split("/")
+            if len(parts) < 4 or not CARD_ID_RE.match(parts[2]):
+                continue
+            c = cards.setdefault(parts[2], {"committed": False, "mtime": 0.0})
+            if parts[3:] == ["zarr.json"]:
+                c["committed"] = True
+            mtime = info.get("LastModified") or info.get("mtime") or info.get("created")
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            c["mtime"] = max(c["mtime"], float(mtime or 0.0))
+        for path in self.fs.find(f"{base}/refs"):
+            parts = path[len(base) + 1:].split("/")
+            if len(parts) == 3 and AGENT_RE.match(parts[1]) and CARD_ID_RE.match(parts[2]):
+                refs.add((parts[1], parts[2]))
+        return cards, junk, refs
+
+    def gc(self, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False,
+           progress: Progress | None = None) -> GcReport:
+        """Reconcile the store with the index and collect garbage; safe while other processes work.
+
+        Removes: partial writes (staging, trash, incomplete cards) and unindexed cards no agent references,
+        once older than ``grace_s`` (a put may still be writing younger ones); indexed cards that no agent and
+        no card references. Adopts committed cards that an agent's ref object names but the index lacks (a
+        put that crashed after its ref), and completes interrupted reference changes."""
+        rep = GcReport()
+        now = time.time()
+        cards, junk, refs = self._scan()
+        d = self.index.dbs
+        with self.index.read() as txn:
+            indexed = {k.hex() for k, _ in txn.cursor(db=d["cards"])}
+            pending = {k.hex(): json.loads(v) for k, v in txn.cursor(db=d["pending"])}
+            irefs = {(k[:-17].decode(), k[-16:].hex()) for k, _ in txn.cursor(db=d["refs"])}
+        for path, mtime in junk:
+            if now - mtime >= grace_s:
+                rep.partial_deleted.append(path)
+                if not dry_run:
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
+        total = len(cards)
+        # unindexed data in the store
+        for i, (card_id, info) in enumerate(sorted(cards.items())):
+            if progress:
+                progress(i + 1, total)
+            if card_id in indexed:
+                continue
+            old = now - info["mtime"] >= grace_s
+            if not info["committed"]:
+                if old:
+                    rep.partial_deleted.append(card_id)
+                    if not dry_run:
+                        self._delete_card_data(card_id)
+                continue
+            owners = sorted(a for a, c in refs if c == card_id)
+            if owners and (old or card_id not in pending):
+                rep.adopted.append(card_id)
+                if not dry_run:
+                    try:
+                        self._adopt(card_id, owners)
+                    except CacheCardError:
+                        rep.adopted.pop()
+                continue
+            if not owners and old and card_id not in pending:
+                rep.orphans_deleted.append(card_id)
+                rep.bytes_freed += self._card_bytes(card_id)
+                if not dry_run:
+                    self._delete_card_data(card_id)
+        # indexed cards whose data is gone
+        for card_id in sorted(indexed - {c for c, i in cards.items() if i["committed"]}):
+            rep.lost.append(card_id)
+        # interrupted reference changes: the ref objects are the truth
+        add = {(a, c) for a, c in refs if c in indexed and (a, c) not in irefs}
+        drop = {(a, c) for a, c in irefs if (a, c) not in refs}
+        rep.refs_fixed = len(add) + len(drop)
+        if not dry_run and (add or drop):
+            def fix(txn: Any) -> None:
+                for a, c in add:
+                    self._add_ref_txn(txn, a, c)
+                for a, c in drop:
+                    txn.delete(ix.ref_key(a, ix.cid(c)), db=d["refs"])
+                    txn.delete(ix.cid(c) + a.encode(), db=d["owners"])
+            self.index.write(fix)
+        # stale pins of puts that never finished
+        stale = [c for c, p in pending.items() if now - p["time"] >= grace_s]
+        if not dry_run and stale:
+            def unpin(txn: Any) -> None:
+                for c in stale:
+                    if txn.get(ix.cid(c), db=d["cards"]) is None:
+                        p = pending[c]
+                        txn.delete(ix.cid(c), db=d["pending"])
+                        if p["parent"]:
+                            txn.delete(ix.cid(p["parent"]) + ix.cid(c), db=d["children"])
+            self.index.write(unpin)
+        # indexed cards nobody references
+        with self.index.read() as txn:
+            unused = [k.hex() for k, _ in txn.cursor(db=d["cards"])
+                      if not any(True for _ in self.index.prefixed(txn, "owners", k))
+                      and not any(True for _ in self.index.prefixed(txn, "children", k))]
+            sizes = {c: self.index.get_json(txn, "cards", ix.cid(c))["bytes"] for c in unused}
+        if dry_run:
+            rep.freed = unused
+            rep.bytes_freed += sum(sizes.values())
+        else:
+            with self.index.read() as txn:
+                before = {k.hex(): json.loads(v)["bytes"] for k, v in txn.cursor(db=d["cards"])}
+            rep.freed = self._collect(unused)
+            rep.bytes_freed += sum(before.get(c, 0) for c in rep.freed)
+        return rep
+
+    def _adopt(self, card_id: str, owners: list[str]) -> None:
+        """Index a committed card that the index lacks (its parent must be indexed)."""
+        card = open_card(self.card_location(card_id), storage_options=self._opts or None)
+        m = card.manifest
+        if m.card_id != card_id:
+            raise CorruptCardError(f"its manifest says card_id {m.card_id}", card=card_id)
+        mkey = ix.model_key(m.model)
+        prefix = np.zeros(0, "<i4")
+        if m.parent is not None:
+            prec = self._rec(m.parent.card_id)
+            if prec["model"] != mkey.hex():
+                raise CorruptCardError("its parent was made by another model", card=card_id)
+            prefix = self.tokens_of(m.parent.card_id)[:m.parent.tokens]
+        full = np.concatenate([prefix, card.token_ids()])
+        raw = ix.token_bytes(full)
+        hashes = ix.chain(mkey, raw, self.block_tokens)
+        t = len(full) - len(hashes) * self.block_tokens
+        tail = (ix.tail_key(mkey, hashes), t, ix.tail_hash(mkey, hashes, raw[4 * (len(full) - t):])) if t else None
+        record = self._record(m, mkey, self._card_bytes(card_id), total=len(full))
+
+        def commit(txn: Any) -> None:
+            if txn.get(ix.cid(card_id), db=self.index.dbs["cards"]) is None:
+                self._commit_txn(txn, card_id, record, hashes, tail, None, agents=owners)
+
+        self.index.write(commit)
+
+    def verify(self, *, progress: Progress | None = None) -> VerifyStoreReport:
+        """Read every chunk of every indexed card and check it against the index (model, parent, tokens)."""
+        rep = VerifyStoreReport()
+        with self.index.read() as txn:
+            recs = {k.hex(): json.loads(v) for k, v in txn.cursor(db=self.index.dbs["cards"])}
+        for i, (card_id, rec) in enumerate(sorted(recs.items())):
+            rep.checked += 1
+            try:
+                self._cards.pop(card_id, None)
+                self._open(card_id, rec).verify()
+                rep.ok += 1
+            except CacheCardError as e:
+                rep.failures[card_id] = str(e)
+            if progress:
+                progress(i + 1, len(recs))
+        return rep
+
+    def reindex(self, *, progress: Progress | None = None) -> ReindexReport:
+        """Rebuild the index from the cards' manifests and the agents' ref objects (last access times of
+        cards still present are kept). Puts that commit while it runs are adopted by the next ``gc``."""
+        rep = ReindexReport()
+        cards, _, refs = self._scan()
+        committed = sorted(c for c, i in cards.items() if i["committed"])
+        manifests: dict[str, Card] = {}
+        for i, card_id in enumerate(committed):
+            try:
+                card = open_card(self.card_location(card_id), storage_options=self._opts or None)
+                if card.manifest.card_id != card_id:
+                    raise CorruptCardError(f"its manifest says card_id {card.manifest.card_id}", card=card_id)
+                manifests[card_id] = card
+            except CacheCardError as e:
+                rep.skipped[card_id] = str(e)
+            if progress:
+                progress(i + 1, 2 * len(committed))
+        full: dict[str, np.ndarray | None] = {}
+
+        def sequence(card_id: str) -> np.ndarray | None:  # whole token sequence, parents first (iterative)
+            stack = [card_id]
+            while stack:
+                c = stack[-1]
+                if c in full:
+                    stack.pop()
+                    continue
+                card = manifests.get(c)
+                if card is None:
+                    full[c] = None
+                    stack.pop()
+                    continue
+                p = card.manifest.parent
+                if p is not None and p.card_id not in full:
+                    if p.card_id in stack:  # a cycle: hostile manifests
+                        full[c] = None
+                        stack.pop()
+                        continue
+                    stack.append(p.card_id)
+                    continue
+                stack.pop()
+                if p is None:
+                    full[c] = card.token_ids()
+                    continue
+                pre = full[p.card_id]
+                if pre is None or len(pre) < p.tokens or \
+                        ix.model_key(manifests[p.card_id].manifest.model) != ix.model_key(card.manifest.model):
+                    full[c] = None
+                    continue
+                full[c] = np.concatenate([pre[:p.tokens], card.token_ids()])
+            return full[card_id]
+
+        entries = []
+        for i, (card_id, card) in enumerate(manifests.items()):
+            seq = sequence(card_id)
+            if seq is None:
+                rep.skipped[card_id] = "its parent is missing, unreadable, of another model or shorter than claimed"
+                continue
+            m = card.manifest
+            mkey = ix.model_key(m.model)
+            raw = ix.token_bytes(seq)
+            hashes = ix.chain(mkey, raw, self.block_tokens)
+            t = len(seq) - len(hashes) * self.block_tokens
+            tail = (ix.tail_key(mkey, hashes), t, ix.tail_hash(mkey, hashes, raw[4 * (len(seq) - t):])) if t else None
+            owners = sorted(a for a, c in refs if c == card_id)
+            entries.append((card_id, self._record(m, mkey, self._card_bytes(card_id), total=len(seq)), hashes, tail,
+                            owners))
+            if progress:
+                progress(len(committed) + i + 1, 2 * len(committed))
+        good = {e[0] for e in entries}
+        entries = [e for e in entries if e[1]["parent"] is None or e[1]["parent"] in good]
+        d = self.index.dbs
+
+        def rebuild(txn: Any) -> None:
+            atimes = {k: v for k, v in txn.cursor(db=d["atime"])}
+            for name in ix.DBS:
+                if name != "meta":
+                    txn.drop(d[name], delete=False)
+            for card_id, record, hashes, tail, owners in entries:
+                a = atimes.get(ix.cid(card_id))
+                self._commit_txn(txn, card_id, dict(record), hashes, tail, None, agents=owners,
+                                 atime=ix.unf64(a) if a else None)
+
+        self.index.write(rebuild)
+        self._cards.clear()
+        rep.cards = len(entries)
+        rep.refs = sum(len(e[4]) for e in entries)
+        rep.blocks = sum(len(e[2]) for e in entries)
+        return rep
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def open_store(root: str | os.PathLike[str], **kwargs: Any) -> Store:
+    """Open (or create) the store at ``root``; see :class:`Store`."""
+    return Store(root, **kwargs)
+
+
+__all__ = ["CardInfo", "GcReport", "Match", "ReindexReport", "Store", "VerifyStoreReport", "check_agent", "open_store"]
