@@ -1,6 +1,6 @@
 """Continuation quality with a codec round-tripped prefix KV vs the exact prefix KV (issue 3 evaluation).
 
-For each window of P prefix + C continuation tokens: prefill the prefix, save its KV as a card with the codec
+For each window of P prefix + C continuation tokens: prefill the prefix, save its KV as a float16 card with the codec
 (through the real writer and reader, so bytes are what a store would hold), restore, and score the C
 continuation tokens. Perplexity delta and KL(exact || codec) of the next-token distributions are measured
 over the C - 1 predictions that depend on the prefix KV.
@@ -19,6 +19,7 @@ from transformers import DynamicCache
 import cachecard
 from cachecard import CanonicalKV
 from cachecard.adapters import hf
+from cachecard.codecs.pruning import prune
 
 from smollm2 import load
 
@@ -66,28 +67,44 @@ def prefill(batch: np.ndarray, prefix: int):
     return ks, vs, logp
 
 
-def continuation_logprobs(ks: torch.Tensor, vs: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
+def continuation_logprobs(ks: torch.Tensor, vs: torch.Tensor, cont: torch.Tensor, start: int | None = None
+                          ) -> torch.Tensor:
+    """Log-probs of the continuation after a cache of T tokens; ``start`` is the continuation's first RoPE
+    position when it is not T (a pruned cache: the source length)."""
     model, _ = load()
+    kwargs = {}
+    t, c = ks.shape[3], cont.shape[1]
+    if start is not None and start != t:
+        kwargs = {"position_ids": torch.arange(start, start + c)[None].expand(cont.shape[0], c),
+                  "cache_position": torch.arange(t, t + c)}
     with torch.no_grad():
-        logits = model(cont, past_key_values=cache_of(ks, vs), use_cache=True).logits[:, :-1]
+        logits = model(cont, past_key_values=cache_of(ks, vs), use_cache=True, **kwargs).logits[:, :-1]
     return torch.log_softmax(logits.float(), -1)
 
 
 def roundtrip(kv: CanonicalKV, ids: np.ndarray, identity, codec) -> tuple[CanonicalKV, int, int]:
-    """KV written as a card with ``codec`` (a preset name or (k, v) pair) and read back, and the stored bytes."""
+    """KV written as a card with ``codec`` (a preset name, or ``prune:<method>:<keep>:<preset>`` to prune the
+    tokens first) and read back, and the stored bytes and the source elements (pruned tokens count as stored
+    in zero bytes)."""
     store = zarr.storage.MemoryStore()
-    cachecard.write_card(store, kv, ids, identity, codec=codec)
+    elements = kv.k.size + kv.v.size
+    if codec.startswith("prune:"):
+        _, method, keep, preset = codec.split(":")
+        p = prune(kv, ids, float(keep), method)  # type: ignore[arg-type]
+        cachecard.write_card(store, p.kv, p.tokens, identity, codec=preset, positions=p.positions, pruning=p.record)
+    else:
+        cachecard.write_card(store, kv, ids, identity, codec=codec)
     card = cachecard.open_card(store)
     back = card.read()
     stored = sum(size for key, size in card.objects().items() if key.startswith(("k/c/", "v/c/")))
-    return back, stored, kv.k.size + kv.v.size
+    return back, stored, elements
 
 
 def score(batch: np.ndarray, prefix: int, exact, codecs: dict[str, object], scores: dict[str, Score]) -> None:
     """Score every codec on one batch of windows; ``exact`` is ``prefill(batch, prefix)``."""
     model, tok = load()
     ks, vs, logp = exact
-    identity = hf.model_identity(model, tok, kv_dtype="float32")
+    identity = hf.model_identity(model, tok, kv_dtype="float16")
     cont = torch.from_numpy(batch[:, prefix:])
     target = cont[:, 1:]
     nll_exact = -logp.gather(-1, target[..., None]).sum().item()
@@ -95,13 +112,13 @@ def score(batch: np.ndarray, prefix: int, exact, codecs: dict[str, object], scor
         s = scores.setdefault(name, Score())
         kb, vb = [], []
         for b in range(batch.shape[0]):
-            kv = CanonicalKV(ks[b].numpy(), vs[b].numpy())
+            kv = CanonicalKV(ks[b].numpy().astype(np.float16), vs[b].numpy().astype(np.float16))
             back, stored, elements = roundtrip(kv, batch[b, :prefix], identity, codec)
-            kb.append(torch.from_numpy(back.k))
-            vb.append(torch.from_numpy(back.v))
+            kb.append(torch.from_numpy(back.k.astype(np.float32)))
+            vb.append(torch.from_numpy(back.v.astype(np.float32)))
             s.stored_bytes += stored
             s.elements += elements
-        lq = continuation_logprobs(torch.stack(kb), torch.stack(vb), cont)
+        lq = continuation_logprobs(torch.stack(kb), torch.stack(vb), cont, start=prefix)
         s.nll += -lq.gather(-1, target[..., None]).sum().item()
         s.nll_exact += nll_exact
         kl = (logp.exp() * (logp - lq)).sum(-1)
