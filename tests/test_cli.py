@@ -36,3 +36,18 @@ def test_verify_ok_and_failures(small_card, tmp_path):
     assert "FAIL" in r.output and "corrupt" in r.output and "nothing is stored here" in r.output
     r = runner.invoke(app, ["inspect", str(tmp_path / "missing")])
     assert r.exit_code == 1
+
+
+def test_presets_lists_every_preset():
+    import json
+
+    from typer.testing import CliRunner
+
+    from cachecard.cli import app
+    from cachecard.codecs import PRESETS
+
+    result = CliRunner().invoke(app, ["presets", "--json"])
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert [r["preset"] for r in rows] == list(PRESETS)
+    assert {r["preset"] for r in rows if not r["lossy"]} == {"lossless", "zstd"}

@@ -173,3 +173,18 @@ except zarr.errors.UnknownCodecError as e:
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "UnknownCodecError" in out.stdout and cid in out.stdout, out.stdout + out.stderr
+
+
+def test_fast_float16_and_bfloat16_conversion_rounds_like_numpy():
+    """from_float32 takes torch's vectorised conversion when torch is loaded: it must give the same bits."""
+    from cachecard.codecs.base import from_float32
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(5000).astype(np.float32) * 10.0 ** rng.integers(-9, 6, 5000),
+                        np.float32([65504, 65519.99, 65520, 1e6, -1e6, 2**-24, 2**-25, 3 * 2**-26, -0.0, 0.0])]
+                       ).astype(np.float32)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    assert np.array_equal(from_float32(x, np.dtype("<f2")).view("<u2"), want.view("<u2"))
+    assert np.array_equal(from_float32(x, np.dtype("<u2")), x.astype(ml_dtypes.bfloat16).view("<u2"))

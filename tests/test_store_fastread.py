@@ -40,7 +40,6 @@ def test_fast_path_equals_zarr_path(tmp_path_factory, tokens, chunk, heads, dtyp
     assert np.array_equal(fast.k.view(np.uint8), kv.k[l0:l1, :, t0:t1].view(np.uint8))
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # the zstd preset warns (not ours)
 @pytest.mark.parametrize("codec", ["q8", "zstd"])
 def test_fast_path_decodes_coded_chunks_like_zarr(tmp_path, codec):
     kv = make_kv(layers=2, heads=2, tokens=70, head_dim=32)

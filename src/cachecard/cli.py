@@ -283,5 +283,22 @@ def rm(
         raise typer.Exit(1)
 
 
+@app.command()
+def presets(as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False) -> None:
+    """List the codec presets a card can be written with (spec/codecs/README.md)."""
+    from cachecard.codecs import PRESETS
+
+    rows = [{"preset": p.name, "lossy": p.lossy, "summary": p.summary} for p in PRESETS.values()]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="codec presets", title_justify="left")
+    for col in ("preset", "lossy", "summary"):
+        table.add_column(col, style="bold cyan" if col == "preset" else None)
+    for r in rows:
+        table.add_row(r["preset"], "yes" if r["lossy"] else "no", r["summary"])
+    out.print(table)
+
+
 def main() -> None:
     app()

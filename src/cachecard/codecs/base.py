@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -72,6 +73,13 @@ def to_float32(x: np.ndarray) -> np.ndarray:
 def from_float32(x: np.ndarray, storage: np.dtype) -> np.ndarray:
     """float32 values in a storage element type (round to nearest even; bfloat16 as uint16 bits)."""
     storage = np.dtype(storage)
+    torch = sys.modules.get("torch")
+    if torch is not None and storage.itemsize == 2 and x.size >= 4096:
+        # numpy converts to float16 one element at a time (~0.6 GB/s); torch's vectorised conversion rounds
+        # the same way (IEEE round to nearest even) ten times faster. Used only when the caller has torch.
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        out = t.half() if storage == np.dtype("<f2") else t.bfloat16()
+        return out.view(torch.int16).numpy().view(storage)
     if storage == np.dtype("<u2"):
         return x.astype(ml_dtypes.bfloat16).view("<u2")
     return x.astype(storage, copy=False)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from zarr.abc.codec import ArrayBytesCodec, BytesBytesCodec
-from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 
 from cachecard.errors import UnsupportedCodecError
 
@@ -52,10 +52,10 @@ def fixed(serializer: Callable[[], ArrayBytesCodec], *compressors: Callable[[], 
     return lambda _a, _m: Pipeline(serializer(), tuple(c() for c in compressors))
 
 
-def _shuffle_zstd(_a: np.ndarray, _m: ModelIdentity) -> Pipeline:
-    from numcodecs.zarr3 import Shuffle  # numcodecs' zarr 3 wrappers; numcodecs is a dependency already
-
-    return Pipeline(BytesCodec(endian="little"), (Shuffle(), ZstdCodec(level=3, checksum=False)))
+def _shuffle_zstd(a: np.ndarray, _m: ModelIdentity) -> Pipeline:
+    # Blosc is a core Zarr v3 codec: byte shuffle (by element size) + zstd in one, readable by any zarr.
+    return Pipeline(BytesCodec(endian="little"),
+                    (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(a.dtype).itemsize),))
 
 
 PRESETS: dict[str, Preset] = {}
