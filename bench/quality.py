@@ -19,6 +19,7 @@ from transformers import DynamicCache
 import cachecard
 from cachecard import CanonicalKV
 from cachecard.adapters import hf
+from cachecard.codecs import plan
 from cachecard.codecs.pruning import prune
 
 from smollm2 import load
@@ -83,11 +84,18 @@ def continuation_logprobs(ks: torch.Tensor, vs: torch.Tensor, cont: torch.Tensor
 
 
 def roundtrip(kv: CanonicalKV, ids: np.ndarray, identity, codec) -> tuple[CanonicalKV, int, int]:
-    """KV written as a card with ``codec`` (a preset name, or ``prune:<method>:<keep>:<preset>`` to prune the
-    tokens first) and read back, and the stored bytes and the source elements (pruned tokens count as stored
-    in zero bytes)."""
+    """KV written as a card with ``codec`` and read back, with the stored bytes and the source elements.
+
+    ``codec`` is a preset name; ``prune:<method>:<keep>:<preset>`` prunes the tokens first (pruned tokens
+    count as stored in zero bytes); ``uniform:<preset>`` plans without the model's sensitivity profile."""
     store = zarr.storage.MemoryStore()
     elements = kv.k.size + kv.v.size
+    if codec.startswith("uniform:"):  # the preset with per-layer profiles switched off
+        token = plan.USE_PROFILES.set(False)
+        try:
+            return roundtrip(kv, ids, identity, codec.removeprefix("uniform:"))
+        finally:
+            plan.USE_PROFILES.reset(token)
     if codec.startswith("prune:"):
         _, method, keep, preset = codec.split(":")
         p = prune(kv, ids, float(keep), method)  # type: ignore[arg-type]

@@ -99,3 +99,20 @@ def test_smollm2_greedy_continuation_identical_after_lossless_restore(tmp_path):
         restored = hf.from_canonical(card.read(tokens=ids.shape[1] - 1))
     assert greedy(restored) == greedy(ref_cache)
     assert np.array_equal(card.token_ids()[:10], ids[0, :10].numpy())
+
+
+def test_calibrate_measures_every_layer():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+    class Words:
+        def __call__(self, text):
+            return type("T", (), {"input_ids": [int(w[1:]) % 128 for w in text.split()]})()
+
+    text = " ".join(f"w{(i * 7) % 128}" for i in range(200))
+    profile = hf.calibrate(model, Words(), [text], windows=2, prefix=64, continuation=16)
+    assert len(profile.k) == len(profile.v) == 2
+    assert all(c >= 0 for c in profile.k + profile.v) and max(profile.k + profile.v) > 0
+    assert profile.weights_hash == hf.weights_hash(model)

@@ -7,14 +7,14 @@ are also declared as ``zarr.codecs`` entry points, so zarr finds them without th
 from zarr.registry import register_codec
 
 from cachecard.codecs.base import ChunkContext, CodecConfig, KVCodec
+from cachecard.codecs.frontier import FrontierCodec
+from cachecard.codecs.kivi import KiviCodec
+from cachecard.codecs.mixed import MixedCodec
 from cachecard.codecs.mlx_affine import MLXAffineCodec
 from cachecard.codecs.nf4 import NF4Codec
 from cachecard.codecs.presets import PRESETS, Pipeline, Preset, pipeline, preset
 from cachecard.codecs.q4_0 import Q4_0Codec
 from cachecard.codecs.q4_1 import Q4_1Codec
-from cachecard.codecs.frontier import FrontierCodec
-from cachecard.codecs.kivi import KiviCodec
-from cachecard.codecs.mixed import MixedCodec
 from cachecard.codecs.q8_0 import Q8_0Codec
 from cachecard.codecs.turbo import TurboCodec
 
@@ -27,7 +27,8 @@ def _register(*classes: type[KVCodec]) -> None:
         register_codec(cls.codec_id, cls)
 
 
-_register(Q8_0Codec, TurboCodec, KiviCodec, FrontierCodec, MixedCodec)
-_register(Q4_0Codec, Q4_1Codec, MLXAffineCodec, NF4Codec)
+# compatibility codecs (bit-exact with a runtime), then ours
+_register(Q8_0Codec, Q4_0Codec, Q4_1Codec, MLXAffineCodec, NF4Codec)
+_register(KiviCodec, TurboCodec, MixedCodec, FrontierCodec)
 
 __all__ = ["CODECS", "ChunkContext", "CodecConfig", "KVCodec", "PRESETS", "Pipeline", "Preset", "pipeline", "preset"]
