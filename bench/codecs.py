@@ -94,13 +94,17 @@ def main() -> None:
     ap.add_argument("--presets", nargs="*", default=PRESETS + PRUNING)
     ap.add_argument("--merge", action="store_true",
                     help="add these points to the existing results (their throughput is their preset's)")
+    ap.add_argument("--out", default=None, help="results name (default codecs, or codecs_quick)")
+    ap.add_argument("--no-speed", action="store_true", help="skip the throughput run")
     args = ap.parse_args()
     torch.set_num_threads(2)
     out_dir = HERE / "results"
-    name = "codecs_quick" if args.quick else "codecs"
+    name = args.out or ("codecs_quick" if args.quick else "codecs")
     previous = json.loads((out_dir / f"{name}.json").read_text()) if args.merge else None
     if previous:
         speed = {p["codec"]: p for p in previous["points"]}
+    elif args.no_speed:
+        speed = {}
     else:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             subprocess.run([sys.executable, str(HERE / "codec_speed.py"), f.name], check=True)
