@@ -30,10 +30,10 @@ import torch  # noqa: E402
 import quality  # noqa: E402
 from smollm2 import windows  # noqa: E402
 
-PRESETS = ["lossless", "q8", "q4", "q4_0", "nf4", "polykv", "turbo3", "mixed3", "kivi2", "frontier3.2", "frontier2.5",
-           "frontier2.2"]
-# Token pruning (spec/codecs/pruning.md): keep half the prefix, by each method, stored lossless.
-PRUNING = ["prune:value_norm:0.5:lossless", "prune:front:0.5:lossless", "prune:back:0.5:lossless"]
+PRESETS = ["lossless", "q8", "q4", "q4_0", "nf4", "polykv", "turbo3", "mixed3", "kivi2", "uniform:frontier3.2",
+           "frontier3.2", "frontier2.5", "frontier2.2"]
+# Token pruning (spec/codecs/pruning.md): keep half the prefix, by value norm or the back of the sequence.
+PRUNING = ["prune:value_norm:0.5:lossless", "prune:back:0.5:lossless"]
 FULL = [(512, 512, 64), (2048, 1024, 32)]     # (prefix, continuation, windows)
 QUICK = [(512, 128, 2), (2048, 128, 2)]
 BATCH = 2
@@ -66,6 +66,7 @@ def plot(points: list[dict], path: Path) -> None:
             if p["codec"] == "lossless":
                 continue
             family = ("tab:red" if p["codec"].startswith(("frontier", "mixed")) else
+                      "tab:orange" if p["codec"].startswith("uniform:") else
                       "tab:green" if p["codec"].startswith("prune") else "tab:blue")
             ax.scatter(p["bits_per_element"], max(p[key], 1e-5) if key == "kl" else p[key], color=family)
             ax.annotate(p["codec"], (p["bits_per_element"], max(p[key], 1e-5) if key == "kl" else p[key]),
@@ -83,7 +84,7 @@ def plot(points: list[dict], path: Path) -> None:
             ax.axvline(bits, color="grey", lw=0.6)
             ax.text(bits, ax.get_ylim()[1], text, fontsize=8, va="top")
     fig.suptitle("SmolLM2-135M, pydoc corpus: continuation quality with a codec round-tripped prefix KV "
-                 "(red: frontier / mixed precision; green: token pruning)")
+                 "(red: frontier / mixed precision; orange: frontier without the per-layer profile; green: token pruning)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
