@@ -1,14 +1,16 @@
 """The bytes-vs-quality curve of every codec preset on SmolLM2-135M (issue 3). One command:
 
-    .venv/bin/python bench/codecs.py [--quick]   ->  bench/results/codecs.json, codecs.png
+    .venv/bin/python bench/codecs.py [--quick] [--plan P:C:N,...]  ->  bench/results/codecs.json, codecs.png
 
 Quality (bench/quality.py): windows of the pydoc corpus, a prefix of P tokens and a continuation of C; the
 prefix KV is stored as a float16 card with the preset, read back, and the continuation is scored against the
 same continuation over the exact float32 prefix KV (the baseline, same run). Perplexity delta (%) and mean
-KL(exact || codec) over every prediction that depends on the prefix. P = 512 (64 windows × 512) and P = 2048
-(32 windows × 1024): 65,440 continuation predictions per preset. Bits per element are the real stored bytes
-of the K and V chunks (codes, scales, norms, tables, rate maps, CRCs and shard indexes) per element.
-Throughput comes from bench/codec_speed.py, run first in its own process (one core).
+KL(exact || codec) over every prediction that depends on the prefix. The full plan (FULL) is 104 windows of
+P = 512 + C = 512 and 12 of P = 2048 + C = 1024: 65,416 predictions per preset, about 75 minutes of this 2-core
+machine for the preset list; the committed results used SHORT (18,402 predictions per preset) to fit a session.
+Bits per element are the real stored bytes of the K and V chunks (codes, scales, norms, tables, rate maps, CRCs
+and shard indexes) per element. Throughput comes from bench/codec_speed.py, run first in its own process (one
+core) and kept in bench/results/codec_speed.json.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,10 +32,9 @@ import quality  # noqa: E402
 from smollm2 import windows  # noqa: E402
 
 PRESETS = ["lossless", "q8", "q4", "q4_0", "nf4", "polykv", "turbo3", "mixed3", "kivi2", "uniform:frontier3.2",
-           "frontier3.2", "frontier2.5", "frontier2.2"]
-# Token pruning (spec/codecs/pruning.md): keep half the prefix, by value norm or the back of the sequence.
-PRUNING = ["prune:value_norm:0.5:lossless", "prune:back:0.5:lossless"]
-FULL = [(512, 512, 64), (2048, 1024, 32)]     # (prefix, continuation, windows)
+           "frontier3.2", "frontier2.5", "frontier2.2", "prune:value_norm:0.5:lossless", "prune:back:0.5:lossless"]
+FULL = [(512, 512, 104), (2048, 1024, 12)]    # (prefix, continuation, windows): 65,416 predictions per preset
+SHORT = "512:512:24,2048:1024:6"              # what fits a session on 2 cores: 18,402 predictions per preset
 QUICK = [(512, 128, 2), (2048, 128, 2)]
 BATCH = 2
 
@@ -92,25 +92,25 @@ def plot(points: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="2 windows per prefix: a smoke run")
-    ap.add_argument("--presets", nargs="*", default=PRESETS + PRUNING)
+    ap.add_argument("--presets", nargs="*", default=PRESETS)
     ap.add_argument("--merge", action="store_true",
                     help="add these points to the existing results (their throughput is their preset's)")
     ap.add_argument("--out", default=None, help="results name (default codecs, or codecs_quick)")
     ap.add_argument("--no-speed", action="store_true", help="skip the throughput run")
+    ap.add_argument("--plan", default=None,
+                    help="windows as prefix:continuation:count,... (default: the full plan)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     out_dir = HERE / "results"
     name = args.out or ("codecs_quick" if args.quick else "codecs")
     previous = json.loads((out_dir / f"{name}.json").read_text()) if args.merge else None
-    if previous:
-        speed = {p["codec"]: p for p in previous["points"]}
-    elif args.no_speed:
-        speed = {}
-    else:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            subprocess.run([sys.executable, str(HERE / "codec_speed.py"), f.name], check=True)
-            speed = {r["codec"]: r for r in json.loads(Path(f.name).read_text())["rows"]}
-    by_prefix = run_quality(QUICK if args.quick else FULL, args.presets)
+    speed_file = out_dir / "codec_speed.json"
+    if not (previous or args.no_speed):
+        subprocess.run([sys.executable, str(HERE / "codec_speed.py"), str(speed_file)], check=True)
+    speed = {r["codec"]: r for r in json.loads(speed_file.read_text())["rows"]} if speed_file.exists() else {}
+    plan = ([tuple(int(x) for x in part.split(":")) for part in args.plan.split(",")] if args.plan
+            else QUICK if args.quick else FULL)
+    by_prefix = run_quality(plan, args.presets)
     points = []
     for codec in args.presets:
         parts = [by_prefix[p]["scores"][codec] for p in by_prefix]
@@ -143,7 +143,8 @@ def main() -> None:
     if previous:
         added = {p["codec"] for p in points}
         points = [p for p in previous["points"] if p["codec"] not in added] + points
-        result["windows"] = previous["windows"]
+        result["windows"] = {**previous["windows"], **{f"{k} ({', '.join(sorted(added))})": v
+                                                      for k, v in result["windows"].items()}}
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(points, out_dir / f"{name}.png")
 
