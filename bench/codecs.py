@@ -83,8 +83,8 @@ def plot(points: list[dict], path: Path) -> None:
         for bits, text in ((16 / 5, "5x"), (16 / 7, "7x")):
             ax.axvline(bits, color="grey", lw=0.6)
             ax.text(bits, ax.get_ylim()[1], text, fontsize=8, va="top")
-    fig.suptitle("SmolLM2-135M, pydoc corpus: continuation quality with a codec round-tripped prefix KV "
-                 "(red: frontier / mixed precision; orange: frontier without the per-layer profile; green: token pruning)")
+    fig.suptitle("SmolLM2-135M on the pydoc corpus: continuation quality with a codec round-tripped prefix KV\n"
+                 "red: frontier / mixed precision; orange: frontier without the per-layer profile; green: pruning")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
