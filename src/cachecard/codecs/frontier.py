@@ -106,7 +106,8 @@ class FrontierCodec(KVCodec):
         step = np.float32(self.step_of(ctx.layer if ctx.known else 0))
         ecsq, ref = self._encode_ecsq(y[:, ~mask].reshape(-1, y.shape[-1]), step)
         head = HEADER.pack(VERSION, int(mu is not None), 0, float(step), float(ref)) + tokens.pack_mask(mask)
-        return b"".join([head, b"" if mu is None else mu.tobytes(), self._encode_protected(y[:, mask]), ecsq])
+        protected = tokens.encode_protected(y[:, mask].reshape(-1, y.shape[-1]))
+        return b"".join([head, b"" if mu is None else mu.tobytes(), protected, ecsq])
 
     def prepare_estimate(self, x: np.ndarray, ctx: ChunkContext) -> tuple[int, np.ndarray]:
         """What ``estimate_bits`` needs of a chunk: its fixed bytes and its ECSQ vectors in units of their RMS."""
@@ -130,15 +131,6 @@ class FrontierCodec(KVCodec):
         counts = np.bincount((q - q.min()).ravel())
         p = counts[counts > 0] / q.size
         return 8.0 * (fixed + 4 * len(counts)) - float(q.size * np.sum(p * np.log2(p)))
-
-    @staticmethod
-    def _encode_protected(y: np.ndarray) -> bytes:
-        rows = y.reshape(-1, y.shape[-1])
-        s16 = (np.abs(rows).max(axis=1) / np.float32(127)).astype("<f2") if rows.size else np.zeros(0, "<f2")
-        s = s16.astype(np.float32)[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.where(s > 0, np.clip(np.rint(rows / s), -127, 127), 0).astype(np.int8)
-        return s16.tobytes() + q.tobytes()
 
     def _encode_ecsq(self, rows: np.ndarray, step: np.float32) -> tuple[bytes, np.float32]:
         n, d = rows.shape

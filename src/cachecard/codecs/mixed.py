@@ -74,12 +74,7 @@ class MixedCodec(KVCodec):
         for c in (PROTECTED, SALIENT, BASE):
             rows = x[:, cls == c].reshape(-1, d)
             if c == PROTECTED:
-                y = hadamard.forward(rows, self.config.seed)
-                s16 = (np.abs(y).max(axis=1) / np.float32(127)).astype("<f2") if rows.size else np.zeros(0, "<f2")
-                s = s16.astype(np.float32)[:, None]
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    q = np.where(s > 0, np.clip(np.rint(y / s), -127, 127), 0).astype(np.int8)
-                parts.append(s16.tobytes() + q.tobytes())
+                parts.append(tokens.encode_protected(hadamard.forward(rows, self.config.seed)))
             elif rows.size:
                 parts.append(self._turbo(c).encode_array(rows, ctx))
         return b"".join(parts)

@@ -43,3 +43,13 @@ def pack_mask(mask: np.ndarray) -> bytes:
 
 def unpack_mask(data: np.ndarray, t: int) -> np.ndarray:
     return np.unpackbits(data, bitorder="little", count=t).astype(bool)
+
+
+def encode_protected(rows: np.ndarray) -> bytes:
+    """Protected vectors (N, D), already rotated: fp16 scales ``absmax / 127`` then int8 codes (spec/codecs/
+    frontier.md "Format"; mixed.md uses the same layout)."""
+    s16 = (np.abs(rows).max(axis=1) / np.float32(127)).astype("<f2") if rows.size else np.zeros(0, "<f2")
+    s = s16.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.clip(np.rint(rows / s), -127, 127), 0).astype(np.int8)
+    return s16.tobytes() + q.tobytes()
