@@ -833,6 +833,9 @@ class Store:
             indexed = {k.hex() for k, _ in txn.cursor(db=d["cards"])}
             pending = {k.hex(): json.loads(v) for k, v in txn.cursor(db=d["pending"])}
             irefs = {(k[:-17].decode(), k[-16:].hex()) for k, _ in txn.cursor(db=d["refs"])}
+        # pins of puts older than the grace period are dead puts: their cards are collectable in this pass
+        stale = [c for c, p in pending.items() if now - p["time"] >= grace_s]
+        live_pending = set(pending) - set(stale)
         for path, mtime in junk:
             if now - mtime >= grace_s:
                 rep.partial_deleted.append(path)
@@ -853,7 +856,7 @@ class Store:
                         self._delete_card_data(card_id)
                 continue
             owners = sorted(a for a, c in refs if c == card_id)
-            if owners and (old or card_id not in pending):
+            if owners and (old or card_id not in live_pending):
                 rep.adopted.append(card_id)
                 if not dry_run:
                     try:
@@ -861,7 +864,7 @@ class Store:
                     except CacheCardError:
                         rep.adopted.pop()
                 continue
-            if not owners and old and card_id not in pending:
+            if not owners and old and card_id not in live_pending:
                 rep.orphans_deleted.append(card_id)
                 rep.bytes_freed += self._card_bytes(card_id)
                 if not dry_run:
@@ -882,7 +885,6 @@ class Store:
                     txn.delete(ix.cid(c) + a.encode(), db=d["owners"])
             self.index.write(fix)
         # stale pins of puts that never finished
-        stale = [c for c, p in pending.items() if now - p["time"] >= grace_s]
         if not dry_run and stale:
             def unpin(txn: Any) -> None:
                 for c in stale:
