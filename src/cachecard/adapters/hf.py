@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import rfc8785
 
+import ml_dtypes
 import numpy as np
 import torch
 import transformers
 from transformers import DynamicCache, PreTrainedModel
 
 from cachecard.codecs.profiles import SensitivityProfile
-from cachecard.errors import KVShapeError
+from cachecard.adapters.torch_read import read_layers
+from cachecard.errors import IdentityMismatchError, KVShapeError
+from cachecard.identity import check_identity, gguf_identity
 from cachecard.kv import CanonicalKV, as_numpy
+from cachecard.kvstore.reader import Card
+from cachecard.kvstore.store import Store
 from cachecard.manifest import LayerKind, ModelIdentity, Rope
 
 RUNTIME = f"transformers {transformers.__version__}"
@@ -45,49 +53,236 @@ def tokenizer_hash(tokenizer: object) -> str:
     return "sha256:" + hashlib.sha256(rfc8785.dumps(spec)).hexdigest()
 
 
-def model_identity(model: PreTrainedModel, tokenizer: object, *, name: str | None = None,
-                   kv_dtype: str | None = None) -> ModelIdentity:
-    """The identity a card of this model binds to."""
+_IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_identity(model: PreTrainedModel, tokenizer: object | None = None, *, gguf: str | os.PathLike[str] | None = None,
+                   name: str | None = None, kv_dtype: str | None = None) -> ModelIdentity:
+    """The identity a card of this model binds to (spec §6).
+
+    With ``gguf`` (the file the model was loaded from), the identity is the file's
+    (:func:`cachecard.identity.gguf_identity`), shared by every runtime that loads that file; its shapes are
+    checked against the model. Otherwise weights and tokenizer are hashed here (scheme ``sha256``), which
+    takes about a second per GB of weights.
+    """
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = kv_dtype or str(model.dtype).removeprefix("torch.")
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    kinds = tuple(LayerKind(attention="sliding", window=window) if t == "sliding_attention" else LayerKind()
+                  for t in layer_types)
+    if gguf is not None:
+        ident = gguf_identity(gguf, kv_dtype=dtype, name=name)
+        ours = (cfg.model_type, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, kinds)
+        theirs = (ident.architecture, ident.num_layers, ident.num_kv_heads, ident.head_dim, ident.layer_kinds)
+        if ours != theirs:
+            raise IdentityMismatchError(f"the model (architecture, layers, kv heads, head_dim, layer kinds) = "
+                                        f"{ours[:4]} was not loaded from {gguf}, which holds {theirs[:4]}")
+        return ident
+    if tokenizer is None:
+        raise TypeError("model_identity needs the tokenizer (or gguf=, the file the model was loaded from)")
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     theta = float(rope.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     partial = float(rope.pop("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)))
     scaling = rope if rope.get("rope_type", "default") != "default" else None
-    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    kinds = [LayerKind(attention="sliding", window=cfg.sliding_window) if t == "sliding_attention"
-             else LayerKind() for t in layer_types]
-    dtype = kv_dtype or str(model.dtype).removeprefix("torch.")
     return ModelIdentity(
         name=name or getattr(cfg, "name_or_path", None) or None, architecture=cfg.model_type,
         num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
-        layer_kinds=tuple(kinds), rope=Rope(theta=theta, rotary_dim=int(head_dim * partial), scaling=scaling),
+        layer_kinds=kinds, rope=Rope(theta=theta, rotary_dim=int(head_dim * partial), scaling=scaling),
         kv_dtype=dtype, weights_hash=weights_hash(model), tokenizer_hash=tokenizer_hash(tokenizer),
     )
 
 
-def to_canonical(cache: DynamicCache) -> CanonicalKV:
-    """One sequence of a DynamicCache (batch size 1) as canonical KV."""
+def bind(model: PreTrainedModel, identity: ModelIdentity) -> ModelIdentity:
+    """Remember ``identity`` as ``model``'s, so :func:`restore` checks cards against it without rehashing."""
+    _IDENTITIES[model] = identity
+    return identity
+
+
+def identity_of(model: PreTrainedModel) -> ModelIdentity:
+    """The identity bound to ``model`` (:func:`bind`), or TypeError saying how to bind one."""
+    try:
+        return _IDENTITIES[model]
+    except KeyError:
+        raise TypeError("no identity is bound to this model: call hf.bind(model, hf.model_identity(model, "
+                        "tokenizer)) once (or pass identity=)") from None
+
+
+def to_canonical(cache: DynamicCache, *, row: int | None = None) -> CanonicalKV:
+    """One sequence of a DynamicCache as canonical KV: the only one, or batch row ``row`` (its left padding
+    must be cut by the caller: use :func:`split_batch`)."""
     layers = cache.layers
-    if any(layer.keys is None for layer in layers):
+    if any(layer.keys is None or not layer.is_initialized for layer in layers):
         raise KVShapeError("the cache has layers that hold no KV yet; run a forward pass first")
-    if layers[0].keys.shape[0] != 1:
-        raise KVShapeError(f"to_canonical takes one sequence; the cache holds a batch of {layers[0].keys.shape[0]}")
-    return CanonicalKV.from_layers([layer.keys for layer in layers], [layer.values for layer in layers])
+    batch = layers[0].keys.shape[0]
+    if row is None and batch != 1:
+        raise KVShapeError(f"to_canonical takes one sequence; the cache holds a batch of {batch} (pass row=)")
+    lengths = {layer.keys.shape[-2] for layer in layers}
+    if len(lengths) != 1:
+        raise KVShapeError(
+            f"the cache's layers hold different numbers of tokens {sorted(lengths)}: sliding-window layers keep "
+            "only their last window, and a card holds every token of every layer. Capture with a full cache: "
+            "pass past_key_values=DynamicCache() (no config) to the forward pass; attention still uses the window.")
+    r = row or 0
+    return CanonicalKV.from_layers([layer.keys[r:r + 1] for layer in layers],
+                                   [layer.values[r:r + 1] for layer in layers])
 
 
-def from_canonical(kv: CanonicalKV, *, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> DynamicCache:
-    """A DynamicCache (batch size 1) holding ``kv``, ready for ``model(..., past_key_values=...)``."""
-    cache = DynamicCache()
-    bf16 = kv.dtype == "bfloat16"
-    for i in range(kv.num_layers):
-        k, v = (torch.from_numpy(np.ascontiguousarray(a[i][None]).view(np.int16 if bf16 else a.dtype))
-                for a in (kv.k, kv.v))
-        if bf16:
-            k, v = k.view(torch.bfloat16), v.view(torch.bfloat16)
-        cache.update(k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=dtype or v.dtype), i)
+def from_canonical(kv: CanonicalKV, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   config: object | None = None) -> DynamicCache:
+    """A DynamicCache (batch size 1) holding ``kv``, ready for ``model(..., past_key_values=...)``.
+
+    With the model's ``config``, layers follow its layer types: sliding-window layers keep the last window
+    of the card's tokens, as they would have after a prefill."""
+    return _cache([(_tensor(kv.k[i], device, dtype), _tensor(kv.v[i], device, dtype))
+                   for i in range(kv.num_layers)], config)
+
+
+def _tensor(a: np.ndarray, device: str | torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    bf16 = a.dtype == ml_dtypes.bfloat16
+    t = torch.from_numpy(np.ascontiguousarray(a[None]).view(np.int16 if bf16 else a.dtype))
+    if bf16:
+        t = t.view(torch.bfloat16)
+    return t.to(device=device, dtype=dtype or t.dtype, non_blocking=True)
+
+
+def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config: object | None) -> DynamicCache:
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    if config is not None and len(cache.layers) != len(layers):
+        raise KVShapeError(f"the card holds {len(layers)} layers; the model has {len(cache.layers)}")
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
     return cache
+
+
+def restore(card: Card, model: PreTrainedModel, *, input_ids: torch.Tensor | Sequence[int] | None = None,
+            tokens: int | None = None, identity: ModelIdentity | None = None, allow: frozenset[str] = frozenset(),
+            device: str | torch.device | None = None) -> DynamicCache:
+    """Restore a card into a DynamicCache for ``model`` (checked against its identity, spec §6).
+
+    With ``input_ids`` (the whole prompt: cached prefix + new suffix), the card's token ids must be a prefix
+    of it and the cache holds ``min(card tokens, len(input_ids) - 1)`` tokens, so
+    ``model.generate(input_ids=input_ids, past_key_values=cache)`` continues exactly where the cached
+    prefix ends. Quantized cards are decoded on ``device`` (default: the model's).
+    """
+    check_identity(card.manifest.model, identity or identity_of(model), what=f"card {card.label}", allow=allow)
+    n = card.manifest.tokens.count if tokens is None else tokens
+    if input_ids is not None:
+        n = min(n, usable_prefix(card, input_ids))
+    device = device or next(model.parameters()).device
+    dtype = _kv_dtype(model)
+    if card.manifest.positions == "explicit" and input_ids is not None:
+        raise KVShapeError(f"card {card.label} is pruned (explicit positions); generate() assumes positions "
+                           f"0..n-1. Restore it without input_ids and pass position_ids from "
+                           f"card.next_position() ({card.next_position()}) yourself.")
+    return _cache(read_layers(card, n, device=device, dtype=dtype), model.config)
+
+
+def restore_from_store(store: Store, model: PreTrainedModel, input_ids: torch.Tensor | Sequence[int], *,
+                       agent: str | None = None, identity: ModelIdentity | None = None,
+                       device: str | torch.device | None = None) -> tuple[DynamicCache | None, int]:
+    """The longest cached prefix of a prompt from ``store`` (``agent``'s cards only, if given) as a
+    DynamicCache, and its length (``(None, 0)`` when nothing matches). At least one prompt token is left
+    uncached, so ``model.generate(input_ids=input_ids, past_key_values=cache)`` works as it is."""
+    ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids).reshape(-1)
+    ident = identity or identity_of(model)
+    match = store.match(ids[:-1], ident, agent=agent)
+    if match is None or match.tokens == 0:
+        return None, 0
+    device = device or next(model.parameters()).device
+    dtype = _kv_dtype(model)
+    pieces = []
+    for card, n in store.parts(match):
+        check_identity(card.manifest.model, ident, what=f"card {card.label}")
+        pieces.append(read_layers(card, n, device=device, dtype=dtype))
+    layers = pieces[0] if len(pieces) == 1 else [
+        (torch.cat([p[i][0] for p in pieces], dim=2), torch.cat([p[i][1] for p in pieces], dim=2))
+        for i in range(len(pieces[0]))]
+    return _cache(layers, model.config), match.tokens
+
+
+def usable_prefix(card: Card, input_ids: torch.Tensor | Sequence[int]) -> int:
+    """How many of the card's tokens a prompt can reuse: its common prefix with ``input_ids``, leaving at
+    least one prompt token to compute (generation needs the last token's logits)."""
+    ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids).reshape(-1)
+    have = card.token_ids()
+    m = min(len(have), len(ids) - 1)
+    diff = np.flatnonzero(have[:m] != ids[:m])
+    if len(diff) and diff[0] == 0:
+        raise KVShapeError(f"card {card.label}'s tokens do not start the prompt (token 0: card {have[0]}, "
+                           f"prompt {ids[0]}); it holds another text")
+    return int(diff[0]) if len(diff) else max(m, 0)
+
+
+@dataclass
+class BatchRestore:
+    """Inputs for ``model.generate(**batch, ...)``: several agents' prompts left-padded into one batch, with
+    as much of each one's cached prefix as the batch allows already in ``past_key_values``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    past_key_values: DynamicCache
+    cached: list[int]          # tokens each row took from its card
+    padding: list[int]         # left padding of each row
+
+    def keys(self) -> list[str]:  # so that model.generate(**batch) works
+        return ["input_ids", "attention_mask", "past_key_values"]
+
+    def __getitem__(self, key: str) -> object:
+        return getattr(self, key)
+
+
+def restore_batch(cards: Sequence[Card | None], model: PreTrainedModel, prompts: Sequence[Sequence[int]], *,
+                  pad_token_id: int, identity: ModelIdentity | None = None,
+                  device: str | torch.device | None = None) -> BatchRestore:
+    """Several agents' cards (``None``: nothing cached) and full prompts into one left-padded batch.
+
+    A shared cache has one length ``C`` for every row, and every row's uncached tokens must lie after it;
+    with rows of ``n_i`` prompt tokens of which ``p_i`` are cached, padding to ``N = max n_i`` gives
+    ``C = N - max(n_i - p_i)``. A row whose suffix is shorter than the longest recomputes the difference.
+    Positions come from the attention mask (generate's own rule for left padding), so each row continues at
+    its own length.
+    """
+    if len(cards) != len(prompts) or not prompts:
+        raise ValueError(f"need one card (or None) per prompt; got {len(cards)} cards and {len(prompts)} prompts")
+    ident = identity or identity_of(model)
+    for card in cards:
+        if card is not None:
+            check_identity(card.manifest.model, ident, what=f"card {card.label}")
+            if card.manifest.positions == "explicit":
+                raise KVShapeError(f"card {card.label} is pruned; batched restore needs cards with implicit positions")
+    device = device or next(model.parameters()).device
+    dtype = _kv_dtype(model)
+    lengths = [len(p) for p in prompts]
+    if min(lengths) < 1:
+        raise ValueError("every prompt needs at least one token")
+    cached = [usable_prefix(c, p) if c is not None else 0 for c, p in zip(cards, prompts)]
+    width = max(lengths)
+    shared = width - max(n - p for n, p in zip(lengths, cached))
+    padding = [width - n for n in lengths]
+    take = [max(0, shared - pad) for pad in padding]
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, (prompt, pad) in enumerate(zip(prompts, padding)):
+        ids[row, pad:] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, pad:] = 1
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = (len(prompts), cfg.num_key_value_heads, shared, head_dim)
+    layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+              for _ in range(cfg.num_hidden_layers)]
+    for row, (card, n) in enumerate(zip(cards, take)):
+        if card is None or n == 0:
+            continue
+        for (k, v), (ck, cv) in zip(layers, read_layers(card, n, device=device, dtype=dtype)):
+            k[row, :, shared - n:] = ck[0]
+            v[row, :, shared - n:] = cv[0]
+    return BatchRestore(ids.to(device), mask.to(device), _cache(layers, model.config), take, padding)
+
+
+def _kv_dtype(model: PreTrainedModel) -> torch.dtype:
+    return next(p for p in model.parameters() if p.is_floating_point()).dtype
 
 
 def calibrate(model: PreTrainedModel, tokenizer: object, texts: list[str], *, windows: int = 4, prefix: int = 512,

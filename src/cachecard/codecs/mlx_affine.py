@@ -165,6 +165,17 @@ class MLXAffineCodec(KVCodec):
         expect_size(self, np.empty(size, np.uint8), HEADER + code_bytes + 2 * groups * dtype.itemsize)
         return dtype, code_bytes, groups
 
+    def split(self, data: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A chunk payload (uint8) of ``shape`` (..., D) as the ``(packed, scales, biases)`` views mlx-lm's
+        ``QuantizedKVCache`` holds: uint32 ``(..., D·bits/32)`` and ``(..., D/group_size)`` of the element type
+        (bfloat16 as ``ml_dtypes.bfloat16``). Checks the header and the size, as decoding does."""
+        dtype, code_bytes, groups = self._layout(bytes(data[:HEADER]), data.size, shape)
+        lead = tuple(shape[:-1])
+        body = data[HEADER:].copy()  # one aligned copy; the three arrays are views of it
+        packed = body[:code_bytes].view("<u4").reshape(*lead, -1)
+        sb = body[code_bytes:].view(dtype).reshape(2, *lead, -1)
+        return packed, sb[0], sb[1]
+
     def decode_array(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         dtype, code_bytes, groups = self._layout(bytes(data[:HEADER]), data.size, shape)
         end = HEADER + code_bytes

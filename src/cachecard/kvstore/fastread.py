@@ -11,6 +11,10 @@ layer range × token range of a card's single shard itself:
    output: ``np.frombuffer`` for the plain ``bytes`` serializer, ``KVCodec.decode_chunk`` for cachecard's
    codecs, and zarr's own codec pipeline (batched) for anything else.
 
+``read_encoded_chunks`` reads the same chunks without decoding them: the serializer's payloads (crc32c checked
+and removed), for runtimes that take a codec's bytes as they are (the MLX adapter hands
+``cachecard.mlx_affine`` payloads to ``QuantizedKVCache`` with no dequantize/requantize).
+
 Integrity is the same as zarr's path: an index entry outside the shard's data, a truncated chunk or a CRC
 failure is a :class:`CorruptCardError` naming the chunk and the object. Unknown layouts return ``None`` and
 the reader falls back to zarr.
@@ -134,6 +138,109 @@ def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, 
     else:
         _read_remote(store, key, runs, place)
     return out
+
+
+def encoded_serializer(arr: zarr.Array) -> Any | None:
+    """The serializer of a format 1.1 card array whose inner chunks are ``serializer + crc32c`` (so a
+    stored payload is exactly the serializer's bytes); ``None`` for any other layout."""
+    codecs = arr.metadata.codecs
+    if arr.ndim != 4 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    pipe = codecs[0].codec_pipeline
+    after = list(pipe.bytes_bytes_codecs)
+    if list(pipe.array_array_codecs) or len(after) != 1 or not isinstance(after[0], Crc32cCodec):
+        return None
+    return pipe.array_bytes_codec
+
+
+def read_encoded_chunks(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
+                        layers: range, tokens: range, label: str, name: str) -> list[tuple[int, int, np.ndarray]]:
+    """The stored payloads of the inner chunks of ``layers`` × the token chunks that meet ``tokens`` of
+    ``arr`` (one that :func:`encoded_serializer` accepts), as ``(layer, token_chunk_index, payload)`` in
+    (layer, token) order, each payload's crc32c verified and stripped. One ranged read covers them all."""
+    L, H, T, D = arr.shape
+    c = arr.chunks[2]
+    per_tokens = arr.shards[2] // c
+    if len(index) != L * per_tokens:
+        raise CorruptCardError(f"the shard index of object {key!r} has {len(index)} entries for a grid of "
+                               f"{L * per_tokens} chunks; delete the card and save it again", card=label, part=name)
+    if not len(layers) or not len(tokens):
+        return []
+    data_end = shard_size - (16 * len(index) + 4)
+    chunks = []
+    for layer in layers:
+        for j in range(tokens.start // c, (tokens.stop - 1) // c + 1):
+            off, nb = (int(x) for x in index[layer * per_tokens + j])
+            if nb < 4 or off > data_end or nb > data_end - off:
+                raise _corrupt(label, name, key, layer, j, c, H, D, T,
+                               f"its index entry ({off}, {nb}) lies outside the shard's data")
+            chunks.append(_Chunk(layer, j, off, nb))
+    start = min(ck.offset for ck in chunks)
+    end = max(ck.offset + ck.nbytes for ck in chunks)
+    buf = sync(store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, end)))
+    raw = np.empty(0, np.uint8) if buf is None else np.frombuffer(buf.to_bytes(), dtype=np.uint8)
+    out = []
+    for ck in chunks:
+        part = raw[ck.offset - start:ck.offset - start + ck.nbytes]
+        if len(part) != ck.nbytes:
+            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
+        if google_crc32c.value(part[:-4]) != int(part[-4:].view("<u4")[0]):
+            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
+        out.append((ck.layer, ck.j, part[:-4]))
+    return out
+
+
+def read_payloads_into(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
+                       layers: range, tokens: range, label: str, name: str,
+                       alloc: Callable[[int], np.ndarray]) -> list[tuple[int, int, int, int]]:
+    """Like :func:`read_encoded_chunks`, but the payloads land back to back in one buffer from ``alloc(total
+    bytes)`` (a pinned staging buffer for a device copy, say), read and CRC-checked by parallel workers on
+    local stores. Returns ``(layer, token_chunk_index, offset, nbytes)`` per chunk in (layer, token) order."""
+    path = _local_path(store, key)
+    if path is None:  # object stores: one ranged read, then a copy
+        found = read_encoded_chunks(store, arr, key, shard_size, index, layers, tokens, label, name)
+        out = alloc(sum(p.nbytes for _, _, p in found))
+        places, pos = [], 0
+        for layer, j, payload in found:
+            out[pos:pos + payload.nbytes] = payload
+            places.append((layer, j, pos, payload.nbytes))
+            pos += payload.nbytes
+        return places
+    L, H, T, D = arr.shape
+    c = arr.chunks[2]
+    per_tokens = arr.shards[2] // c
+    if len(index) != L * per_tokens:
+        raise CorruptCardError(f"the shard index of object {key!r} has {len(index)} entries for a grid of "
+                               f"{L * per_tokens} chunks; delete the card and save it again", card=label, part=name)
+    data_end = shard_size - (16 * len(index) + 4)
+    chunks, places, pos = [], [], 0
+    for layer in layers:
+        for j in range(tokens.start // c, (tokens.stop - 1) // c + 1 if len(tokens) else tokens.start // c):
+            off, nb = (int(x) for x in index[layer * per_tokens + j])
+            if nb < 4 or off > data_end or nb > data_end - off:
+                raise _corrupt(label, name, key, layer, j, c, H, D, T,
+                               f"its index entry ({off}, {nb}) lies outside the shard's data")
+            chunks.append(_Chunk(layer, j, off, nb))
+            places.append((layer, j, pos, nb - 4))
+            pos += nb - 4
+    out = alloc(pos)
+    dest = {(ck.layer, ck.j): at for ck, (_, _, at, _) in zip(chunks, places)}
+
+    def place(buf: np.ndarray, base: int, run: list[_Chunk]) -> None:
+        for ck in run:
+            raw = buf[ck.offset - base: ck.offset - base + ck.nbytes]
+            if len(raw) != ck.nbytes:
+                raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
+            if google_crc32c.value(raw[:-4]) != int(raw[-4:].view("<u4")[0]):
+                raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
+            at = dest[(ck.layer, ck.j)]
+            out[at:at + ck.nbytes - 4] = raw[:-4]
+
+    if not path.is_file():
+        raise CorruptCardError(f"object {key!r} is missing; the card is damaged (or was deleted while being read)",
+                               card=label, part=name)
+    _read_local(path, _coalesce(sorted(chunks, key=lambda ck: ck.offset)), place)
+    return places
 
 
 def _decoder(serializer: Any, after: list[Any], sharding: ShardingCodec, meta: Any, storage: np.dtype,
@@ -368,4 +475,4 @@ def _corrupt(label: str, name: str, key: str, layer: int = 0, j: int = 0, c: int
                             "delete the card and save it again, or restore it from a replica", card=label, part=name)
 
 
-__all__ = ["read_shard_region"]
+__all__ = ["encoded_serializer", "read_encoded_chunks", "read_payloads_into", "read_shard_region"]

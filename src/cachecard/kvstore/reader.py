@@ -5,6 +5,13 @@ format version (older minors are migrated, newer versions refused), the manifest
 match the manifest, and that the token ids match their digest. Reading KV touches only the chunks a layer
 range and token range need; every stored chunk carries a crc32c, and a missing object is an error (zarr
 alone would return zeros for it).
+
+``Card.read_encoded`` returns K or V chunks as stored, undecoded: each inner chunk's serializer payload
+(its crc32c verified, then stripped) with the chunk's layer and token span, and the serializer that
+decodes it. A runtime whose cache holds a codec's bytes as they are (mlx-lm's ``QuantizedKVCache`` and
+``cachecard.mlx_affine``) restores from these without a dequantize/requantize round. It reads format 1.1+
+cards whose chunk pipeline is ``serializer + crc32c``; anything else is an :class:`UnsupportedCodecError`
+(use ``read``).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import itertools
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import google_crc32c
 import numpy as np
@@ -48,6 +55,27 @@ class VerifyReport:
     objects: int
     stored_bytes: int
     chunks_checked: int
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """One stored inner chunk of K or V: layer, tokens ``[token_start, token_start + tokens)`` (the chunk
+    holds ``chunk_tokens`` rows; rows past ``tokens`` are the writer's padding) and the serializer payload."""
+
+    layer: int
+    token_start: int
+    tokens: int
+    payload: np.ndarray  # uint8, crc32c verified and stripped
+
+
+@dataclass(frozen=True)
+class EncodedKV:
+    """Undecoded chunks of one card array (``k`` or ``v``), in (layer, token) order."""
+
+    codec: Any                          # the zarr array-to-bytes codec (serializer) of every chunk
+    chunk_shape: tuple[int, int, int, int]  # (1, kv_heads, chunk_tokens, head_dim)
+    chunks: list[EncodedChunk]
+    buffer: np.ndarray | None = None    # with read_encoded(alloc=...): every payload, back to back, in order
 
 
 class Card:
@@ -109,6 +137,58 @@ class Card:
         v = self._read_kv("v", lr, tr)
         dt = NUMPY_DTYPES[self.manifest.model.kv_dtype]
         return CanonicalKV(k.view(dt), v.view(dt))
+
+    def read_encoded(self, which: str, layers: range | slice | int | None = None,
+                     tokens: slice | int | None = None, *,
+                     alloc: Callable[[int], np.ndarray] | None = None) -> EncodedKV:
+        """The stored chunks of K (``which="k"``) or V that a layer range × token range touches, undecoded:
+        each chunk's crc32c is verified as :meth:`read` does, then stripped.
+
+        With ``alloc`` (total bytes -> a uint8 array, e.g. pinned memory for a device copy), the payloads are
+        read by parallel workers straight into that one buffer, back to back in (layer, token) order.
+
+        Raises :class:`UnsupportedCodecError` when the card's chunks are not ``serializer + crc32c``
+        (compressed chunks, or a format 1.0 card): read those with :meth:`read`.
+        """
+        if which not in ("k", "v"):
+            raise ValueError(f"which must be 'k' or 'v'; got {which!r}")
+        lr = _as_range(layers, self.manifest.model.num_layers, "layers")
+        tr = _as_range(slice(0, tokens) if isinstance(tokens, int) else tokens, self.manifest.tokens.count, "tokens")
+        unsupported = UnsupportedCodecError(
+            f"read_encoded needs format 1.1+ chunks stored as serializer + crc32c; this card's {which!r} array "
+            f"(format {self.format}, preset {getattr(self.manifest.codecs, which)!r}) is not: use read()",
+            card=self.label, part=which)
+        serializer = None if self._minor == 0 else fastread.encoded_serializer(self._stacked(which))
+        if serializer is None:
+            raise unsupported
+        arr = self._stacked(which)
+        chunk_shape = tuple(arr.chunks)
+        if not len(lr) or not len(tr):
+            return EncodedKV(serializer, chunk_shape, [])  # type: ignore[arg-type]
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((0, 0, 0, 0))}"
+        (size,) = _sizes(self._store, [key])
+        if size is None:
+            raise CorruptCardError(f"object {key!r} is missing; the card is damaged: delete it and save again",
+                                   card=self.label, part=which)
+        if key not in self._indexed_shards:
+            self._indexed_shards[key] = _check_shard_index(self._store, arr, key, self.label, which)
+        c, count = chunk_shape[2], self.manifest.tokens.count
+        if alloc is not None:
+            buffer: list[np.ndarray] = []
+
+            def keep(n: int) -> np.ndarray:
+                buffer.append(alloc(n))
+                return buffer[0]
+
+            places = fastread.read_payloads_into(self._store, arr, key, size, self._indexed_shards[key], lr, tr,
+                                                 self.label, which, keep)
+            chunks = [EncodedChunk(layer, j * c, min(c, count - j * c), buffer[0][at:at + nb])
+                      for layer, j, at, nb in places]
+            return EncodedKV(serializer, chunk_shape, chunks, buffer[0])  # type: ignore[arg-type]
+        found = fastread.read_encoded_chunks(self._store, arr, key, size, self._indexed_shards[key], lr, tr,
+                                             self.label, which)
+        chunks = [EncodedChunk(layer, j * c, min(c, count - j * c), payload) for layer, j, payload in found]
+        return EncodedKV(serializer, chunk_shape, chunks)  # type: ignore[arg-type]
 
     def objects(self) -> dict[str, int]:
         """Every stored object of the card and its size in bytes."""

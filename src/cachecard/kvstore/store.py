@@ -509,6 +509,23 @@ class Store:
             return parts[0]
         return CanonicalKV(np.concatenate([p.k for p in parts], axis=2), np.concatenate([p.v for p in parts], axis=2))
 
+    def parts(self, what: str | Match, *, tokens: int | None = None) -> list[tuple[Card, int]]:
+        """The opened cards that hold the first ``tokens`` tokens of a card's sequence (default: all of it, or
+        the matched prefix of a :class:`Match`), parents first, each with how many of its own tokens count.
+        For runtimes that read cards their own way (``cachecard.adapters.torch_read``); :meth:`load` is the
+        plain path."""
+        card_id, default = (what.card_id, what.tokens) if isinstance(what, Match) else (what, None)
+        check_card_id(card_id)
+        rec = self._rec(card_id)
+        total = rec["start"] + rec["tokens"]
+        n = tokens if tokens is not None else default if default is not None else total
+        if not 0 <= n <= total:
+            raise IndexError(f"card {card_id} holds {total} tokens; cannot take {n}")
+        segs = self._segments(card_id, rec, 0, n)
+        out = [(self._open(c, r), b) for c, r, a, b in segs if b > a]
+        self._touch(card_id)
+        return out
+
     def tokens_of(self, card_id: str) -> np.ndarray:
         """The whole token sequence of a card (its parents' prefix included)."""
         rec = self._rec(check_card_id(card_id))
