@@ -303,3 +303,24 @@ def test_restore_from_store_across_a_shared_prefix(tmp_path, codec):
         assert np.abs(got.k - ref.k).max() < 0.05 * np.abs(ref.k).max()
     assert hf.restore_from_store(store, model, [99, 98, 97], agent="b") == (None, 0)
     store.close()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_device_read_refuses_a_damaged_card(tmp_path, damage):
+    from conftest import make_identity, make_kv
+
+    from cachecard.adapters.torch_read import read_layers
+
+    kv = make_kv(layers=2, heads=2, tokens=64, head_dim=64, dtype="float16")
+    cachecard.write_card(tmp_path / "c", kv, np.arange(64), make_identity(layers=2, head_dim=64), codec="q8",
+                         chunk_tokens=16)
+    card = cachecard.open_card(tmp_path / "c")  # opened (shard index checked) before the damage
+    shard = next(p for p in (tmp_path / "c" / "v").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[100] ^= 0x40
+        shard.write_bytes(bytes(data))
+    else:
+        shard.write_bytes(bytes(data[:len(data) // 2]))
+    with pytest.raises(cachecard.CorruptCardError, match="crc32c|truncated|outside"):
+        read_layers(card, 64, device="cpu", dtype=torch.float32)

@@ -113,7 +113,7 @@ def to_canonical(cache: DynamicCache, *, row: int | None = None) -> CanonicalKV:
     """One sequence of a DynamicCache as canonical KV: the only one, or batch row ``row`` (its left padding
     must be cut by the caller: use :func:`split_batch`)."""
     layers = cache.layers
-    if any(layer.keys is None or not layer.is_initialized for layer in layers):
+    if any(layer.keys is None or not getattr(layer, "is_initialized", True) for layer in layers):
         raise KVShapeError("the cache has layers that hold no KV yet; run a forward pass first")
     batch = layers[0].keys.shape[0]
     if row is None and batch != 1:

@@ -1,7 +1,7 @@
 """Read a card straight into per-layer torch tensors on a device (the restore path of torch runtimes).
 
-- Lossless cards go through the reader's fast path into one host array that torch shares without a copy,
-  then one (pinned) copy to the device.
+- Lossless cards go, on the CPU, through the reader's fast path into one host array that torch shares
+  without a copy; to a GPU, they are read into pinned memory and copied once.
 - Cards of a block codec whose payloads concatenate (``q8_0``, ``q4_0``, ``q4_1``: no header, blocks along
   head_dim) are read undecoded, CRC-checked by parallel workers into one staging buffer, copied to the device
   once and decoded there by the codec's ``decode_torch`` in a single call per K and V. A quantized card thus
@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import ml_dtypes
 import numpy as np
 import torch
+from zarr.codecs import BytesCodec
 
 from cachecard.kvstore.reader import Card
 
@@ -27,8 +30,15 @@ CONCATENABLE = {"cachecard.q8_0", "cachecard.q4_0", "cachecard.q4_1"}
 def read_layers(card: Card, tokens: int, *, device: str | torch.device, dtype: torch.dtype) -> Layers:
     """K and V of the first ``tokens`` tokens, one ``(1, heads, tokens, head_dim)`` pair per layer."""
     device = torch.device(device)
-    if tokens and all(getattr(c, "codec_id", None) in CONCATENABLE for c in _serializers(card)):
-        k, v = (_decode_on_device(card, which, tokens, device, dtype) for which in ("k", "v"))
+    serializers = _serializers(card)
+    blocks = bool(serializers) and all(getattr(c, "codec_id", None) in CONCATENABLE for c in serializers)
+    # Plain (lossless) bytes go the same way to a GPU: read into pinned memory, one copy, no extra host pass.
+    plain = bool(serializers) and all(isinstance(c, BytesCodec) for c in serializers) and device.type == "cuda"
+    if tokens and (blocks or plain):
+        with ThreadPoolExecutor(1) as pool:  # read V while K is copied and decoded
+            v_future = pool.submit(_decode_on_device, card, "v", tokens, device, dtype)
+            k = _decode_on_device(card, "k", tokens, device, dtype)
+            v = v_future.result()
     else:
         kv = card.read(tokens=tokens)
         k, v = (_to_device(_host(a), device, dtype) for a in (kv.k, kv.v))
@@ -44,22 +54,37 @@ def _serializers(card: Card) -> list[object]:
 
 
 def _decode_on_device(card: Card, which: str, tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    pinned = device.type == "cuda"
-    staging: list[torch.Tensor] = []
-
-    def alloc(n: int) -> np.ndarray:
-        staging.append(torch.empty(n, dtype=torch.uint8, pin_memory=pinned))
-        return staging[-1].numpy()
-
-    enc = card.read_encoded(which, tokens=tokens, alloc=alloc)
+    enc = card.read_encoded(which, tokens=tokens, alloc=lambda n: _staging(device, which, n))
+    data = enc.buffer
+    data = torch.from_numpy(data) if device.type == "cpu" else _pinned[(device, which)][:len(data)]
     _, heads, c, dim = enc.chunk_shape
     layers = card.manifest.model.num_layers
     per_layer = len(enc.chunks) // layers
-    data = staging[0].to(device, non_blocking=True)
-    x = enc.codec.decode_torch(data, (layers * per_layer, heads, c, dim))
+    data = data.to(device, non_blocking=True)
+    storage = _TORCH_DTYPES[card.manifest.model.kv_dtype]
+    shape = (layers * per_layer, heads, c, dim)
+    if isinstance(enc.codec, BytesCodec):
+        x = data.view(storage).view(shape)
+    else:
+        x = enc.codec.decode_torch(data, shape).to(storage)  # round as the host decoder does: same values
     x = x.view(layers, per_layer, heads, c, dim).transpose(1, 2).reshape(layers, heads, per_layer * c, dim)
-    storage = _TORCH_DTYPES[card.manifest.model.kv_dtype]  # round as the host decoder does: same values
-    return x[:, :, :tokens].to(storage).to(dtype)
+    return x[:, :, :tokens].to(dtype)
+
+
+# Pinned staging buffers, one per (device, K or V), kept between restores: allocating pinned memory costs
+# about as much as reading the card from the page cache.
+_pinned: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def _staging(device: torch.device, which: str, n: int) -> np.ndarray:
+    if device.type == "cpu":
+        return np.empty(n, dtype=np.uint8)
+    buf = _pinned.get((device, which))
+    if buf is None or buf.numel() < n:
+        buf = _pinned[(device, which)] = torch.empty(int(n * 1.25), dtype=torch.uint8, pin_memory=True)
+    else:
+        torch.cuda.synchronize(device)  # the previous restore's copy out of this buffer must be done
+    return buf.numpy()[:n]
 
 
 def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -48,6 +48,12 @@ REMOTE_CONCURRENCY = 16   # ranged requests in flight per read on object stores
 MAX_DIRECT_HEADS = 64     # scatter-read chunks straight into the output up to this many KV heads
 IOV_BATCH = 1000          # iovecs per preadv call (Linux IOV_MAX is 1024)
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
+_STAGING_WORKERS = max(1, min(8, os.cpu_count() or 1))  # read_payloads_into: big reads for device restores
+
+try:  # the crc32c package releases the GIL, so parallel workers check CRCs in parallel; same values
+    from crc32c import crc32c as _crc32c
+except ImportError:  # pragma: no cover - google_crc32c is always there (zarr's own dependency)
+    _crc32c = google_crc32c.value
 
 
 @dataclass(frozen=True)
@@ -224,23 +230,61 @@ def read_payloads_into(store: Store, arr: zarr.Array, key: str, shard_size: int,
             places.append((layer, j, pos, nb - 4))
             pos += nb - 4
     out = alloc(pos)
-    dest = {(ck.layer, ck.j): at for ck, (_, _, at, _) in zip(chunks, places)}
-
-    def place(buf: np.ndarray, base: int, run: list[_Chunk]) -> None:
-        for ck in run:
-            raw = buf[ck.offset - base: ck.offset - base + ck.nbytes]
-            if len(raw) != ck.nbytes:
-                raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
-            if google_crc32c.value(raw[:-4]) != int(raw[-4:].view("<u4")[0]):
-                raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
-            at = dest[(ck.layer, ck.j)]
-            out[at:at + ck.nbytes - 4] = raw[:-4]
-
     if not path.is_file():
         raise CorruptCardError(f"object {key!r} is missing; the card is damaged (or was deleted while being read)",
                                card=label, part=name)
-    _read_local(path, _coalesce(sorted(chunks, key=lambda ck: ck.offset)), place)
+    check = functools.partial(_corrupt, label, name, key, c=c, H=H, D=D, T=T)
+    _scatter_payloads(path, chunks, [at for _, _, at, _ in places], out, check)
     return places
+
+
+def _scatter_payloads(path: Path, chunks: list[_Chunk], dest: list[int], out: np.ndarray,
+                      check: Callable[..., CorruptCardError]) -> None:
+    """``preadv`` each chunk's payload straight to ``out[dest:]`` and its crc32c beside it (one kernel copy,
+    no staging), then check the CRCs in place; runs of chunks go to parallel workers."""
+    order = sorted(range(len(chunks)), key=lambda i: chunks[i].offset)
+    runs = _coalesce([chunks[i] for i in order])
+    at = {id(chunks[i]): dest[i] for i in order}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def work(batch: list[list[_Chunk]]) -> None:
+            junk = memoryview(np.empty(RUN_GAP, dtype=np.uint8))
+            for run in batch:
+                crcs = np.empty((len(run), 4), dtype=np.uint8)
+                crc_mv = memoryview(crcs.reshape(-1))
+                iov: list[memoryview] = []
+                pos = start = run[0].offset
+                for i, ck in enumerate(run):
+                    if ck.offset < pos:  # overlapping chunks: only a hostile index does this
+                        raise check(layer=ck.layer, j=ck.j, why="its index entry overlaps another chunk")
+                    if ck.offset > pos:
+                        iov.append(junk[:ck.offset - pos])
+                    a = at[id(ck)]
+                    iov.append(memoryview(out[a:a + ck.nbytes - 4]))
+                    iov.append(crc_mv[4 * i:4 * i + 4])
+                    pos = ck.offset + ck.nbytes
+                got = want = 0
+                for k in range(0, len(iov), IOV_BATCH):
+                    part = iov[k:k + IOV_BATCH]
+                    got += _preadv_full(fd, part, start + want)
+                    want += sum(len(m) for m in part)
+                    if got != want:
+                        raise check(layer=run[-1].layer, j=run[-1].j, why="the shard is truncated")
+                stored = crcs.view("<u4")[:, 0]
+                for i, ck in enumerate(run):
+                    a = at[id(ck)]
+                    if _crc32c(out[a:a + ck.nbytes - 4]) != stored[i]:
+                        raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
+
+        n = min(_STAGING_WORKERS, len(runs))
+        if n <= 1:
+            work(runs)
+            return
+        with ThreadPoolExecutor(n) as pool:
+            for f in [pool.submit(work, runs[i::n]) for i in range(n)]:
+                f.result()
+    finally:
+        os.close(fd)
 
 
 def _decoder(serializer: Any, after: list[Any], sharding: ShardingCodec, meta: Any, storage: np.dtype,
@@ -303,7 +347,8 @@ def _local_path(store: Store, key: str) -> Path | None:
     return None
 
 
-def _read_local(path: Path, runs: list[list[_Chunk]], place: Callable[[np.ndarray, int, list[_Chunk]], None]) -> None:
+def _read_local(path: Path, runs: list[list[_Chunk]], place: Callable[[np.ndarray, int, list[_Chunk]], None],
+                workers: int = _WORKERS) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         def work(batch: list[list[_Chunk]]) -> None:
@@ -314,10 +359,10 @@ def _read_local(path: Path, runs: list[list[_Chunk]], place: Callable[[np.ndarra
                 got = _pread_into(fd, view, start)
                 place(view[:got], start, run)
 
-        if len(runs) == 1 or _WORKERS == 1:
+        if len(runs) == 1 or workers == 1:
             work(runs)
             return
-        n = min(_WORKERS, len(runs))
+        n = min(workers, len(runs))
         batches = [runs[i::n] for i in range(n)]
         with ThreadPoolExecutor(n) as pool:
             for f in [pool.submit(work, b) for b in batches]:
