@@ -270,7 +270,7 @@ def test_device_read_equals_host_read(tmp_path, preset, dtype):
     card = cachecard.open_card(tmp_path / "c")
     for n in (83, 40, 1):
         host = card.read(tokens=n)
-        layers = read_layers(card, n, device="cpu", dtype=torch.float32)
+        layers = read_layers(card, n, device="cpu", dtype=torch.float32, via_torch=True)
         for i, (k, v) in enumerate(layers):
             assert torch.equal(k[0], torch.from_numpy(host.k[i].astype(np.float32))), (i, n)
             assert torch.equal(v[0], torch.from_numpy(host.v[i].astype(np.float32))), (i, n)
@@ -323,4 +323,4 @@ def test_device_read_refuses_a_damaged_card(tmp_path, damage):
     else:
         shard.write_bytes(bytes(data[:len(data) // 2]))
     with pytest.raises(cachecard.CorruptCardError, match="crc32c|truncated|outside"):
-        read_layers(card, 64, device="cpu", dtype=torch.float32)
+        read_layers(card, 64, device="cpu", dtype=torch.float32, via_torch=True)

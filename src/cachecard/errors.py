@@ -73,3 +73,8 @@ class StoreFullError(StoreError, OSError):
 
 class CardInUseError(StoreError):
     """A card cannot be removed because other cards continue it (their parent chain needs its data)."""
+
+
+class UnsupportedStateError(CacheCardError, ValueError):
+    """Bytes handed in as a runtime's KV state (a llama.cpp sequence state or slot file) are truncated,
+    malformed, or in a layout this version of cachecard does not know."""

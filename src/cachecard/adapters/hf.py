@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import transformers
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from cachecard.codecs.profiles import SensitivityProfile
 from cachecard.adapters.torch_read import read_layers
@@ -152,7 +153,13 @@ def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config: object | Non
     if config is not None and len(cache.layers) != len(layers):
         raise KVShapeError(f"the card holds {len(layers)} layers; the model has {len(cache.layers)}")
     for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
+        if i < len(cache.layers) and type(cache.layers[i]) is DynamicLayer:
+            # Hand the tensors over: update() would concatenate them onto an empty tensor, one more full copy.
+            layer = cache.layers[i]
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        else:
+            cache.update(k, v, i)  # sliding-window layers keep their window; a config-less cache grows here
     return cache
 
 

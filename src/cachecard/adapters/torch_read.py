@@ -2,10 +2,10 @@
 
 - Lossless cards go, on the CPU, through the reader's fast path into one host array that torch shares
   without a copy; to a GPU, they are read into pinned memory and copied once.
-- Cards of a block codec whose payloads concatenate (``q8_0``, ``q4_0``, ``q4_1``: no header, blocks along
-  head_dim) are read undecoded, CRC-checked by parallel workers into one staging buffer, copied to the device
-  once and decoded there by the codec's ``decode_torch`` in a single call per K and V. A quantized card thus
-  moves a quarter to a half of the bytes of fp16 and decodes at device speed.
+- For a GPU, cards of a block codec whose payloads concatenate (``q8_0``, ``q4_0``, ``q4_1``: no header,
+  blocks along head_dim) are read undecoded, CRC-checked by parallel workers into one staging buffer, copied
+  to the device once and decoded there by the codec's ``decode_torch`` in a single call per K and V. A
+  quantized card thus moves a quarter to a half of the bytes of fp16 and decodes at device speed.
 - Anything else decodes on the host (numpy) and is copied.
 """
 
@@ -27,14 +27,20 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 CONCATENABLE = {"cachecard.q8_0", "cachecard.q4_0", "cachecard.q4_1"}
 
 
-def read_layers(card: Card, tokens: int, *, device: str | torch.device, dtype: torch.dtype) -> Layers:
-    """K and V of the first ``tokens`` tokens, one ``(1, heads, tokens, head_dim)`` pair per layer."""
+def read_layers(card: Card, tokens: int, *, device: str | torch.device, dtype: torch.dtype,
+                via_torch: bool | None = None) -> Layers:
+    """K and V of the first ``tokens`` tokens, one ``(1, heads, tokens, head_dim)`` pair per layer.
+
+    ``via_torch`` picks the undecoded read + torch decode path; by default it is taken for GPUs only (on a
+    CPU, the reader's parallel numpy decode into the final array is faster than torch's extra passes)."""
     device = torch.device(device)
     serializers = _serializers(card)
     blocks = bool(serializers) and all(getattr(c, "codec_id", None) in CONCATENABLE for c in serializers)
     # Plain (lossless) bytes go the same way to a GPU: read into pinned memory, one copy, no extra host pass.
-    plain = bool(serializers) and all(isinstance(c, BytesCodec) for c in serializers) and device.type == "cuda"
-    if tokens and (blocks or plain):
+    plain = bool(serializers) and all(isinstance(c, BytesCodec) for c in serializers)
+    if via_torch is None:
+        via_torch = device.type != "cpu"
+    if tokens and via_torch and (blocks or plain):
         with ThreadPoolExecutor(1) as pool:  # read V while K is copied and decoded
             v_future = pool.submit(_decode_on_device, card, "v", tokens, device, dtype)
             k = _decode_on_device(card, "k", tokens, device, dtype)
