@@ -324,3 +324,24 @@ def test_device_read_refuses_a_damaged_card(tmp_path, damage):
         shard.write_bytes(bytes(data[:len(data) // 2]))
     with pytest.raises(cachecard.CorruptCardError, match="crc32c|truncated|outside"):
         read_layers(card, 64, device="cpu", dtype=torch.float32, via_torch=True)
+
+
+def test_restore_refuses_a_child_card_on_its_own(tmp_path):
+    model = tiny_model("llama", hidden_size=64, num_attention_heads=2)
+    ident = hf.bind(model, hf.model_identity(model, _Tok()))
+    store = cachecard.Store(tmp_path / "s", block_tokens=16)
+    a = list(range(1, 41))
+    for ids in (a, a[:32] + [5] * 10):
+        with torch.no_grad():
+            kv = hf.to_canonical(model(torch.as_tensor([ids]), use_cache=True).past_key_values)
+        child = store.put(kv, ids, ident, agent="x")
+    (parent, _), (card, _) = store.parts(child)
+    with pytest.raises(cachecard.KVShapeError, match="restore_from_store"):
+        hf.restore(card, model)
+    with pytest.raises(cachecard.KVShapeError, match="restore_from_store"):
+        hf.restore_batch([card], model, [a], pad_token_id=0)
+    with pytest.raises(IndexError, match="holds 40 tokens"):
+        from cachecard.adapters.torch_read import read_layers
+
+        read_layers(parent, 41, device="cpu", dtype=torch.float32)
+    store.close()

@@ -78,8 +78,9 @@ def model_identity(model: PreTrainedModel, tokenizer: object | None = None, *, g
         ours = (cfg.model_type, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, kinds)
         theirs = (ident.architecture, ident.num_layers, ident.num_kv_heads, ident.head_dim, ident.layer_kinds)
         if ours != theirs:
-            raise IdentityMismatchError(f"the model (architecture, layers, kv heads, head_dim, layer kinds) = "
-                                        f"{ours[:4]} was not loaded from {gguf}, which holds {theirs[:4]}")
+            names = ("architecture", "num_layers", "num_kv_heads", "head_dim", "layer_kinds")
+            diffs = [f"{n}: model has {a!r}, file has {b!r}" for n, a, b in zip(names, ours, theirs) if a != b]
+            raise IdentityMismatchError(f"the model was not loaded from {gguf}: " + "; ".join(diffs))
         return ident
     if tokenizer is None:
         raise TypeError("model_identity needs the tokenizer (or gguf=, the file the model was loaded from)")
@@ -174,6 +175,7 @@ def restore(card: Card, model: PreTrainedModel, *, input_ids: torch.Tensor | Seq
     prefix ends. Quantized cards are decoded on ``device`` (default: the model's).
     """
     check_identity(card.manifest.model, identity or identity_of(model), what=f"card {card.label}", allow=allow)
+    _check_whole(card)
     n = card.manifest.tokens.count if tokens is None else tokens
     if input_ids is not None:
         n = min(n, usable_prefix(card, input_ids))
@@ -188,6 +190,7 @@ def restore(card: Card, model: PreTrainedModel, *, input_ids: torch.Tensor | Seq
 
 def restore_from_store(store: Store, model: PreTrainedModel, input_ids: torch.Tensor | Sequence[int], *,
                        agent: str | None = None, identity: ModelIdentity | None = None,
+                       allow: frozenset[str] = frozenset(),
                        device: str | torch.device | None = None) -> tuple[DynamicCache | None, int]:
     """The longest cached prefix of a prompt from ``store`` (``agent``'s cards only, if given) as a
     DynamicCache, and its length (``(None, 0)`` when nothing matches). At least one prompt token is left
@@ -201,12 +204,21 @@ def restore_from_store(store: Store, model: PreTrainedModel, input_ids: torch.Te
     dtype = _kv_dtype(model)
     pieces = []
     for card, n in store.parts(match):
-        check_identity(card.manifest.model, ident, what=f"card {card.label}")
+        check_identity(card.manifest.model, ident, what=f"card {card.label}", allow=allow)
         pieces.append(read_layers(card, n, device=device, dtype=dtype))
     layers = pieces[0] if len(pieces) == 1 else [
         (torch.cat([p[i][0] for p in pieces], dim=2), torch.cat([p[i][1] for p in pieces], dim=2))
         for i in range(len(pieces[0]))]
     return _cache(layers, model.config), match.tokens
+
+
+def _check_whole(card: Card) -> None:
+    """A card restored on its own must start at position 0: a store's child card holds only the tokens after
+    its parent's."""
+    if card.manifest.parent is not None or card.manifest.start_position:
+        raise KVShapeError(f"card {card.label} continues card {card.manifest.parent.card_id if card.manifest.parent else '?'}"
+                           f" from position {card.manifest.start_position}; restore it through its store "
+                           "(hf.restore_from_store), which joins the chain")
 
 
 def usable_prefix(card: Card, input_ids: torch.Tensor | Sequence[int]) -> int:
@@ -241,7 +253,7 @@ class BatchRestore:
 
 
 def restore_batch(cards: Sequence[Card | None], model: PreTrainedModel, prompts: Sequence[Sequence[int]], *,
-                  pad_token_id: int, identity: ModelIdentity | None = None,
+                  pad_token_id: int, identity: ModelIdentity | None = None, allow: frozenset[str] = frozenset(),
                   device: str | torch.device | None = None) -> BatchRestore:
     """Several agents' cards (``None``: nothing cached) and full prompts into one left-padded batch.
 
@@ -256,7 +268,8 @@ def restore_batch(cards: Sequence[Card | None], model: PreTrainedModel, prompts:
     ident = identity or identity_of(model)
     for card in cards:
         if card is not None:
-            check_identity(card.manifest.model, ident, what=f"card {card.label}")
+            check_identity(card.manifest.model, ident, what=f"card {card.label}", allow=allow)
+            _check_whole(card)
             if card.manifest.positions == "explicit":
                 raise KVShapeError(f"card {card.label} is pruned; batched restore needs cards with implicit positions")
     device = device or next(model.parameters()).device

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from zarr.codecs import BytesCodec
 
+from cachecard.errors import CacheCardError, CorruptCardError
 from cachecard.kvstore.reader import Card
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
@@ -31,15 +32,17 @@ def read_layers(card: Card, tokens: int, *, device: str | torch.device, dtype: t
                 via_torch: bool | None = None) -> Layers:
     """K and V of the first ``tokens`` tokens, one ``(1, heads, tokens, head_dim)`` pair per layer.
 
-    ``via_torch`` picks the undecoded read + torch decode path; by default it is taken for GPUs only (on a
+    ``via_torch`` picks the undecoded read + torch decode path; by default it is taken for CUDA only (on a
     CPU, the reader's parallel numpy decode into the final array is faster than torch's extra passes)."""
     device = torch.device(device)
+    if not 0 <= tokens <= card.manifest.tokens.count:
+        raise IndexError(f"card {card.label} holds {card.manifest.tokens.count} tokens; cannot read {tokens}")
     serializers = _serializers(card)
     blocks = bool(serializers) and all(getattr(c, "codec_id", None) in CONCATENABLE for c in serializers)
     # Plain (lossless) bytes go the same way to a GPU: read into pinned memory, one copy, no extra host pass.
     plain = bool(serializers) and all(isinstance(c, BytesCodec) for c in serializers)
     if via_torch is None:
-        via_torch = device.type != "cpu"
+        via_torch = device.type == "cuda"
     if tokens and via_torch and (blocks or plain):
         with ThreadPoolExecutor(1) as pool:  # read V while K is copied and decoded
             v_future = pool.submit(_decode_on_device, card, "v", tokens, device, dtype)
@@ -60,37 +63,35 @@ def _serializers(card: Card) -> list[object]:
 
 
 def _decode_on_device(card: Card, which: str, tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    enc = card.read_encoded(which, tokens=tokens, alloc=lambda n: _staging(device, which, n))
-    data = enc.buffer
-    data = torch.from_numpy(data) if device.type == "cpu" else _pinned[(device, which)][:len(data)]
+    staging: list[torch.Tensor] = []
+
+    def alloc(n: int) -> np.ndarray:
+        # Pinned for a GPU: PyTorch's host allocator caches freed pinned blocks and keeps one alive until the
+        # copy out of it is done, so repeated restores neither pay the pinning nor race on a shared buffer.
+        staging.append(torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda"))
+        return staging[-1].numpy()
+
+    enc = card.read_encoded(which, tokens=tokens, alloc=alloc)
     _, heads, c, dim = enc.chunk_shape
     layers = card.manifest.model.num_layers
     per_layer = len(enc.chunks) // layers
-    data = data.to(device, non_blocking=True)
     storage = _TORCH_DTYPES[card.manifest.model.kv_dtype]
+    sizes = {ch.payload.nbytes for ch in enc.chunks}
+    plain = isinstance(enc.codec, BytesCodec)
+    want = heads * c * dim * storage.itemsize if plain else None
+    if len(sizes) != 1 or (want is not None and sizes != {want}) or per_layer * layers != len(enc.chunks):
+        raise CorruptCardError(f"the {which!r} chunks hold {sorted(sizes)} bytes each (expected one size"
+                               + (f", {want}" if want else "") + "); the card is damaged: delete it and save again",
+                               card=card.label, part=which)
+    data = staging[0].to(device, non_blocking=True)
     shape = (layers * per_layer, heads, c, dim)
-    if isinstance(enc.codec, BytesCodec):
-        x = data.view(storage).view(shape)
-    else:
-        x = enc.codec.decode_torch(data, shape).to(storage)  # round as the host decoder does: same values
+    try:
+        x = data.view(storage).view(shape) if plain else enc.codec.decode_torch(data, shape).to(storage)
+    except (ValueError, RuntimeError, CacheCardError) as e:  # a payload size the codec does not accept
+        raise CorruptCardError(f"the {which!r} chunks do not decode ({e}); the card is damaged: delete it and "
+                               "save it again", card=card.label, part=which) from e
     x = x.view(layers, per_layer, heads, c, dim).transpose(1, 2).reshape(layers, heads, per_layer * c, dim)
-    return x[:, :, :tokens].to(dtype)
-
-
-# Pinned staging buffers, one per (device, K or V), kept between restores: allocating pinned memory costs
-# about as much as reading the card from the page cache.
-_pinned: dict[tuple[torch.device, str], torch.Tensor] = {}
-
-
-def _staging(device: torch.device, which: str, n: int) -> np.ndarray:
-    if device.type == "cpu":
-        return np.empty(n, dtype=np.uint8)
-    buf = _pinned.get((device, which))
-    if buf is None or buf.numel() < n:
-        buf = _pinned[(device, which)] = torch.empty(int(n * 1.25), dtype=torch.uint8, pin_memory=True)
-    else:
-        torch.cuda.synchronize(device)  # the previous restore's copy out of this buffer must be done
-    return buf.numpy()[:n]
+    return x[:, :, :tokens].to(dtype).contiguous()  # contiguous: do not keep the padded rows alive
 
 
 def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
