@@ -54,21 +54,18 @@ def turn(tok, text: str, role: str) -> list[int]:
 def ttft_prefill(model, ids: list[int]) -> tuple[float, int]:
     t = time.perf_counter()
     with torch.no_grad():
-        first = int(model(torch.as_tensor([ids])).logits[0, -1].argmax())
+        first = int(model(torch.as_tensor([ids]), logits_to_keep=1).logits[0, -1].argmax())
     return time.perf_counter() - t, first
 
 
-def ttft_restore(model, store, ids: list[int], agent: str) -> tuple[float, int, object, int]:
-    """Time to first token through the store: match, load, inject, compute the uncached suffix."""
+def ttft_restore(model, store, ids: list[int], agent: str) -> tuple[float, int, int]:
+    """Time to first token through the store: match, read, decode, inject, compute the uncached suffix."""
     t = time.perf_counter()
-    ident = hf.identity_of(model)
-    match = store.match(ids[:-1], ident, agent=agent)  # leave >= 1 token to compute
-    n = match.tokens if match else 0
-    cache = hf.from_canonical(store.load(match, model=ident), config=model.config) if match else None
+    cache, n = hf.restore_from_store(store, model, ids, agent=agent)
     with torch.no_grad():
-        out = model(torch.as_tensor([ids[n:]]), past_key_values=cache, use_cache=True)
+        out = model(torch.as_tensor([ids[n:]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
     first = int(out.logits[0, -1].argmax())
-    return time.perf_counter() - t, first, out.past_key_values, n
+    return time.perf_counter() - t, first, n
 
 
 def generate(model, tok, ids: list[int], cache, max_new_tokens: int = 32) -> str:
@@ -98,8 +95,8 @@ def second_run(model, tok, store, shared: list[int]) -> None:
     for agent, (role, question) in AGENTS.items():
         ids = shared + turn(tok, role, "system") + turn(tok, question, "user") + turn(tok, "", "assistant")
         full_s, full_first = ttft_prefill(model, ids)
-        restore_s, first, cache, cached = ttft_restore(model, store, ids, agent)
-        answer = generate(model, tok, ids, None if cache is None else _trim(cache, len(ids) - 1))
+        restore_s, first, cached = ttft_restore(model, store, ids, agent)
+        answer = generate(model, tok, ids, hf.restore_from_store(store, model, ids, agent=agent)[0])
         rows.append((agent, len(ids), cached, full_s, restore_s, full_first == first))
         print(f"  {agent:8s} {len(ids)} tokens ({cached} from the store): TTFT prefill {full_s * 1e3:.0f} ms, "
               f"restore {restore_s * 1e3:.0f} ms ({full_s / restore_s:.1f}x); same first token: {full_first == first}")
@@ -108,14 +105,8 @@ def second_run(model, tok, store, shared: list[int]) -> None:
     print(f"  overall: restore is {speedup:.1f}x faster to the first token than prefill")
 
 
-def _trim(cache, n: int):
-    """The cache after ``ttft_restore`` holds the whole prompt; generate() needs its last token uncached."""
-    cache.crop(n)
-    return cache
-
-
 def bytes_per_codec(model, shared: list[int]) -> None:
-    print(f"bytes on disk for the {len(shared)}-token shared context, per codec (fp32 model; fp16 = 1.00x):")
+    print(f"bytes on disk for the {len(shared)}-token shared context, per codec (an fp32 model, so lossless is fp32):")
     with torch.no_grad():
         kv = hf.to_canonical(model(torch.as_tensor([shared]), use_cache=True).past_key_values)
     fp16 = kv.k.size * 2 * 2
@@ -124,7 +115,7 @@ def bytes_per_codec(model, shared: list[int]) -> None:
         t = time.perf_counter()
         cachecard.write_card(path, kv, shared, hf.identity_of(model), codec=codec)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        print(f"  {codec:12s} {size / 1e6:7.1f} MB  ({fp16 / size:4.2f}x smaller than fp16; "
+        print(f"  {codec:12s} {size / 1e6:7.1f} MB  ({fp16 / size:4.2f}x vs fp16; "
               f"written in {time.perf_counter() - t:.1f} s)")
 
 
