@@ -159,11 +159,11 @@ def encoded_serializer(arr: zarr.Array) -> Any | None:
     return pipe.array_bytes_codec
 
 
-def read_encoded_chunks(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
-                        layers: range, tokens: range, label: str, name: str) -> list[tuple[int, int, np.ndarray]]:
-    """The stored payloads of the inner chunks of ``layers`` × the token chunks that meet ``tokens`` of
-    ``arr`` (one that :func:`encoded_serializer` accepts), as ``(layer, token_chunk_index, payload)`` in
-    (layer, token) order, each payload's crc32c verified and stripped. One ranged read covers them all."""
+def _indexed_chunks(arr: zarr.Array, key: str, shard_size: int, index: np.ndarray, layers: range, tokens: range,
+                    label: str, name: str) -> list[_Chunk]:
+    """The checked index entries of ``layers`` × the token chunks that meet ``tokens``, in (layer, token)
+    order: every entry must lie inside the shard's data, and no two may overlap (the undecoded paths hand
+    payloads to runtimes as they are, so a chunk must be exactly its own bytes)."""
     L, H, T, D = arr.shape
     c = arr.chunks[2]
     per_tokens = arr.shards[2] // c
@@ -181,6 +181,23 @@ def read_encoded_chunks(store: Store, arr: zarr.Array, key: str, shard_size: int
                 raise _corrupt(label, name, key, layer, j, c, H, D, T,
                                f"its index entry ({off}, {nb}) lies outside the shard's data")
             chunks.append(_Chunk(layer, j, off, nb))
+    by_offset = sorted(chunks, key=lambda ck: ck.offset)
+    for a, b in zip(by_offset, by_offset[1:]):  # our writer never shares bytes between chunks
+        if b.offset < a.offset + a.nbytes:
+            raise _corrupt(label, name, key, b.layer, b.j, c, H, D, T, "its index entry overlaps another chunk")
+    return chunks
+
+
+def read_encoded_chunks(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
+                        layers: range, tokens: range, label: str, name: str) -> list[tuple[int, int, np.ndarray]]:
+    """The stored payloads of the inner chunks of ``layers`` × the token chunks that meet ``tokens`` of
+    ``arr`` (one that :func:`encoded_serializer` accepts), as ``(layer, token_chunk_index, payload)`` in
+    (layer, token) order, each payload's crc32c verified and stripped. One ranged read covers them all."""
+    L, H, T, D = arr.shape
+    c = arr.chunks[2]
+    chunks = _indexed_chunks(arr, key, shard_size, index, layers, tokens, label, name)
+    if not chunks:
+        return []
     start = min(ck.offset for ck in chunks)
     end = max(ck.offset + ck.nbytes for ck in chunks)
     buf = sync(store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, end)))
@@ -214,21 +231,11 @@ def read_payloads_into(store: Store, arr: zarr.Array, key: str, shard_size: int,
         return places
     L, H, T, D = arr.shape
     c = arr.chunks[2]
-    per_tokens = arr.shards[2] // c
-    if len(index) != L * per_tokens:
-        raise CorruptCardError(f"the shard index of object {key!r} has {len(index)} entries for a grid of "
-                               f"{L * per_tokens} chunks; delete the card and save it again", card=label, part=name)
-    data_end = shard_size - (16 * len(index) + 4)
-    chunks, places, pos = [], [], 0
-    for layer in layers:
-        for j in range(tokens.start // c, (tokens.stop - 1) // c + 1 if len(tokens) else tokens.start // c):
-            off, nb = (int(x) for x in index[layer * per_tokens + j])
-            if nb < 4 or off > data_end or nb > data_end - off:
-                raise _corrupt(label, name, key, layer, j, c, H, D, T,
-                               f"its index entry ({off}, {nb}) lies outside the shard's data")
-            chunks.append(_Chunk(layer, j, off, nb))
-            places.append((layer, j, pos, nb - 4))
-            pos += nb - 4
+    chunks = _indexed_chunks(arr, key, shard_size, index, layers, tokens, label, name)
+    places, pos = [], 0
+    for ck in chunks:
+        places.append((ck.layer, ck.j, pos, ck.nbytes - 4))
+        pos += ck.nbytes - 4
     out = alloc(pos)
     if not path.is_file():
         raise CorruptCardError(f"object {key!r} is missing; the card is damaged (or was deleted while being read)",
@@ -276,13 +283,7 @@ def _scatter_payloads(path: Path, chunks: list[_Chunk], dest: list[int], out: np
                     if _crc32c(out[a:a + ck.nbytes - 4]) != stored[i]:
                         raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
 
-        n = min(_STAGING_WORKERS, len(runs))
-        if n <= 1:
-            work(runs)
-            return
-        with ThreadPoolExecutor(n) as pool:
-            for f in [pool.submit(work, runs[i::n]) for i in range(n)]:
-                f.result()
+        _in_workers(work, runs, _STAGING_WORKERS)
     finally:
         os.close(fd)
 
@@ -359,14 +360,7 @@ def _read_local(path: Path, runs: list[list[_Chunk]], place: Callable[[np.ndarra
                 got = _pread_into(fd, view, start)
                 place(view[:got], start, run)
 
-        if len(runs) == 1 or workers == 1:
-            work(runs)
-            return
-        n = min(workers, len(runs))
-        batches = [runs[i::n] for i in range(n)]
-        with ThreadPoolExecutor(n) as pool:
-            for f in [pool.submit(work, b) for b in batches]:
-                f.result()
+        _in_workers(work, runs, workers)
     finally:
         os.close(fd)
 
@@ -437,15 +431,20 @@ def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0
                     a, b = max(t0, ck.j * c), min(t1, (ck.j + 1) * c)
                     out[ck.layer - l0, :, a - t0:b - t0] = block[:, a - ck.j * c:b - ck.j * c]
 
-        n = min(_WORKERS, len(runs))
-        if n <= 1:
-            work(runs)
-            return
-        with ThreadPoolExecutor(n) as pool:
-            for f in [pool.submit(work, runs[i::n]) for i in range(n)]:
-                f.result()
+        _in_workers(work, runs, _WORKERS)
     finally:
         os.close(fd)
+
+
+def _in_workers(work: Callable[[list[list[_Chunk]]], None], runs: list[list[_Chunk]], workers: int) -> None:
+    """``work`` over ``runs`` dealt round-robin to up to ``workers`` threads (reads release the GIL)."""
+    n = min(workers, len(runs))
+    if n <= 1:
+        work(runs)
+        return
+    with ThreadPoolExecutor(n) as pool:
+        for f in [pool.submit(work, runs[i::n]) for i in range(n)]:
+            f.result()
 
 
 def _preadv_full(fd: int, bufs: list[memoryview], offset: int) -> int:
