@@ -155,6 +155,7 @@ def plot(results: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     parts = [p for p in ("cpu", "gpu") if results.get(p)]
@@ -173,6 +174,7 @@ def plot(results: dict) -> None:
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="TTFT (ms)",
                title="CPU: SmolLM2-135M fp32" if part == "cpu" else "GPU: Llama-3.1-8B shape bf16")
         ax.set_xticks(ctx, [f"{c // 1024}K" for c in ctx])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
