@@ -31,7 +31,7 @@ class _Tok:  # identity needs a fast tokenizer; a tiny one built in memory
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_restored_cache_continues_exactly(tmp_path, kind, dtype):
     model = tiny_model(kind).to(dtype)
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
