@@ -29,12 +29,14 @@ import torch
 
 from cachecard import Store
 from cachecard.adapters import hf
+from cachecard.kvstore.layout import DEFAULT_CHUNK_TOKENS
 
 RESULTS = Path(__file__).parent / "results"
 CPU_CONTEXTS = (1024, 2048, 4096)
 CPU_CODECS = ("lossless", "q8", "q4", "frontier3.2")
 GPU_CONTEXTS = (1024, 4096, 8192, 16384, 32768)
-GPU_CODECS = ("lossless", "q8", "q4_0")
+# "preset@chunk_tokens": bigger inner chunks mean less per-chunk work on a restore (and coarser partial reads)
+GPU_CODECS = ("lossless", "q8", "q4_0", "q8@1024", "q4_0@1024")
 
 
 def median_time(fn, repeats: int, before=None) -> float:
@@ -72,10 +74,12 @@ def run(model, ids: torch.Tensor, contexts, codecs, store_dir: Path, repeats: in
     longest = max(contexts)
     with torch.no_grad():  # one prefill of the longest context gives every shorter context's KV too
         kv = hf.to_canonical(model.model(ids[:, :longest], use_cache=True).past_key_values)
-    for codec in codecs:
+    for spec in codecs:
+        codec, _, chunk = spec.partition("@")
         t = time.perf_counter()
-        store.put(kv, ids[0, :longest].cpu().numpy(), ident, agent=codec.replace(".", "_"), codec=codec)
-        print(f"  stored {longest} tokens as {codec} in {time.perf_counter() - t:.1f} s", flush=True)
+        store.put(kv, ids[0, :longest].cpu().numpy(), ident, agent=_agent(spec), codec=codec, share=False,
+                  chunk_tokens=int(chunk or DEFAULT_CHUNK_TOKENS))
+        print(f"  stored {longest} tokens as {spec} in {time.perf_counter() - t:.1f} s", flush=True)
     del kv
     os.sync()
     rows = []
@@ -83,8 +87,9 @@ def run(model, ids: torch.Tensor, contexts, codecs, store_dir: Path, repeats: in
         prompt = ids[:, :n + 1]
         prefill_s = median_time(lambda: first_token_prefill(model, prompt, sync), repeats)
         expect = first_token_prefill(model, prompt, sync)
-        for codec in codecs:
-            agent = codec.replace(".", "_")
+        for spec in codecs:
+            agent = _agent(spec)
+            codec, _, chunk = spec.partition("@")
             for mode in (("warm", "cold") if cold else ("warm",)):
                 holder = {"store": store}
 
@@ -97,14 +102,19 @@ def run(model, ids: torch.Tensor, contexts, codecs, store_dir: Path, repeats: in
                     before=drop if mode == "cold" else None)
                 same = first_token_restore(model, holder["store"], prompt, agent, sync) == expect
                 row = {"context": n, "codec": codec, "prefill_s": prefill_s, "restore_s": restore_s,
-                       "ratio": prefill_s / restore_s, "same_first_token": same}
+                       "ratio": prefill_s / restore_s, "same_first_token": same,
+                       "chunk_tokens": int(chunk or DEFAULT_CHUNK_TOKENS)}
                 if device == "cuda":
                     row["cache"] = mode
                 rows.append(row)
-                print(f"  {n:6d} {codec:12s} {mode}: prefill {prefill_s * 1e3:8.1f} ms, restore "
+                print(f"  {n:6d} {spec:12s} {mode}: prefill {prefill_s * 1e3:8.1f} ms, restore "
                       f"{restore_s * 1e3:7.1f} ms, {prefill_s / restore_s:6.1f}x, same token: {same}", flush=True)
     store.close()
     return rows
+
+
+def _agent(spec: str) -> str:
+    return spec.replace(".", "_").replace("@", "_")
 
 
 def _drop_page_cache(root: Path) -> None:
@@ -165,12 +175,13 @@ def plot(results: dict) -> None:
         ctx = sorted({r["context"] for r in rows})
         pre = [next(r["prefill_s"] for r in rows if r["context"] == c) for c in ctx]
         ax.plot(ctx, [p * 1e3 for p in pre], "k-o", label="prefill")
-        for codec in dict.fromkeys(r["codec"] for r in rows):
+        for codec in dict.fromkeys((r["codec"], r.get("chunk_tokens", 256)) for r in rows):
             for mode in dict.fromkeys(r.get("cache", "warm") for r in rows):
                 pts = [(r["context"], r["restore_s"] * 1e3) for r in rows
-                       if r["codec"] == codec and r.get("cache", "warm") == mode]
+                       if (r["codec"], r.get("chunk_tokens", 256)) == codec and r.get("cache", "warm") == mode]
+                name = codec[0] + (f"@{codec[1]}" if codec[1] != 256 else "")
                 ax.plot(*zip(*pts), "--" if mode == "cold" else "-", marker=".",
-                        label=f"restore {codec}" + (f" ({mode})" if part == "gpu" else ""))
+                        label=f"restore {name}" + (f" ({mode})" if part == "gpu" else ""))
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="TTFT (ms)",
                title="CPU: SmolLM2-135M fp32" if part == "cpu" else "GPU: Llama-3.1-8B shape bf16")
         ax.set_xticks(ctx, [f"{c // 1024}K" for c in ctx])
