@@ -11,16 +11,47 @@ tokenizer metadata. Every adapter takes ``gguf=`` and gives the same identity fo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
+import numpy as np
 import rfc8785
 
 from cachecard.errors import IdentityMismatchError
 from cachecard.manifest import LayerKind, ModelIdentity, Rope
 
 SCHEME = "gguf-sha256"
+
+
+# -- scheme "sha256": a runtime's own tensors and tokenizer.json (spec §6) ---------------------------------------
+def tensors_hash(named: Iterable[tuple[str, np.ndarray]]) -> str:
+    """``sha256:`` over named arrays in name order: ``"<name>|<numpy dtype>|<shape tuple>\n"`` then the raw
+    little-endian bytes. Adapters feed their runtime's parameters (transformers' state_dict, mlx-lm's
+    parameter tree)."""
+    h = hashlib.sha256()
+    for name, a in sorted(named, key=lambda item: item[0]):
+        h.update(f"{name}|{a.dtype}|{a.shape}\n".encode())
+        h.update(np.ascontiguousarray(a).view(np.uint8).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def tokenizer_hash(tokenizer: object) -> str:
+    """``sha256:`` of a fast tokenizer's tokenizer.json as RFC 8785 canonical JSON, so any language can
+    reproduce it. Takes an HF fast tokenizer, mlx-lm's ``TokenizerWrapper``, a ``tokenizers.Tokenizer`` or the
+    path of a tokenizer.json."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        spec = json.loads(Path(tokenizer).read_text(encoding="utf-8"))
+    else:
+        inner = getattr(tokenizer, "_tokenizer", tokenizer)       # mlx-lm's TokenizerWrapper
+        backend = getattr(inner, "backend_tokenizer", inner)      # an HF fast tokenizer
+        if not hasattr(backend, "to_str"):
+            raise TypeError(f"need a fast (tokenizers-backed) tokenizer or a tokenizer.json path to compute the "
+                            f"tokenizer hash; got {type(tokenizer).__name__}")
+        spec = json.loads(backend.to_str())
+    return "sha256:" + hashlib.sha256(rfc8785.dumps(spec)).hexdigest()
 
 
 def check_identity(card: ModelIdentity, runtime: ModelIdentity, *, what: str = "the card",

@@ -6,14 +6,11 @@ HF caches K after RoPE in rotate-half order, which is the canonical layout, so n
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import rfc8785
 
 import ml_dtypes
 import numpy as np
@@ -25,7 +22,7 @@ from transformers.cache_utils import DynamicLayer
 from cachecard.codecs.profiles import SensitivityProfile
 from cachecard.adapters.torch_read import read_layers
 from cachecard.errors import IdentityMismatchError, KVShapeError
-from cachecard.identity import check_identity, gguf_identity
+from cachecard.identity import check_identity, gguf_identity, tensors_hash, tokenizer_hash
 from cachecard.kv import CanonicalKV, as_numpy
 from cachecard.kvstore.reader import Card
 from cachecard.kvstore.store import Store
@@ -35,23 +32,8 @@ RUNTIME = f"transformers {transformers.__version__}"
 
 
 def weights_hash(model: PreTrainedModel) -> str:
-    """SHA-256 over every parameter and buffer: name, dtype, shape and raw bytes, in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        a = as_numpy(t)
-        h.update(f"{name}|{a.dtype}|{a.shape}\n".encode())
-        h.update(np.ascontiguousarray(a).view(np.uint8).tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-def tokenizer_hash(tokenizer: object) -> str:
-    """SHA-256 of the fast tokenizer's definition (vocabulary, merges, normalizers, specials) as RFC 8785
-    canonical JSON, so any language can reproduce it from tokenizer.json."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError("need a fast (tokenizers-backed) tokenizer to compute its identity hash")
-    spec = json.loads(backend.to_str())
-    return "sha256:" + hashlib.sha256(rfc8785.dumps(spec)).hexdigest()
+    """Scheme ``sha256`` (spec §6) over every parameter and buffer of the state_dict."""
+    return tensors_hash((name, as_numpy(t)) for name, t in model.state_dict().items())
 
 
 _IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

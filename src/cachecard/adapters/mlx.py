@@ -12,24 +12,21 @@ A card whose K and V are ``cachecard.mlx_affine`` with the group size and bits a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import ml_dtypes
 import mlx.core as mx
 import mlx_lm
 import numpy as np
-import rfc8785
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ConcatenateKVCache, KVCache, QuantizedKVCache, load_prompt_cache, save_prompt_cache
 
 from cachecard.codecs.mlx_affine import MLXAffineCodec
 from cachecard.errors import IdentityMismatchError, KVShapeError, UnsupportedCodecError
-from cachecard.identity import check_identity, gguf_identity
-from cachecard.kv import CanonicalKV, dtype_name
+from cachecard.identity import check_identity, gguf_identity, tensors_hash, tokenizer_hash
+from cachecard.kv import CanonicalKV
 from cachecard.kvstore.reader import Card, open_card
 from cachecard.kvstore.targets import Location
 from cachecard.kvstore.writer import write_card
@@ -76,31 +73,9 @@ def model_dtype(model: Any) -> str:
 
 # -- identity -------------------------------------------------------------------------------------------------
 def weights_hash(model: Any) -> str:
-    """SHA-256 over every parameter of the mlx model in name order: ``"<name>|<dtype>|<shape>\\n"`` (numpy
-    dtype name, Python tuple shape) then the raw little-endian bytes. The same scheme as the transformers
-    adapter's, but over mlx-lm's tensors (a quantized mlx model hashes its packed weights and scales)."""
-    h = hashlib.sha256()
-    for name, p in sorted(tree_flatten(model.parameters()), key=lambda item: item[0]):
-        a = to_numpy(p)
-        h.update(f"{name}|{a.dtype}|{a.shape}\n".encode())
-        h.update(np.ascontiguousarray(a).view(np.uint8).tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """SHA-256 of the tokenizer's tokenizer.json definition as RFC 8785 canonical JSON (the transformers
-    adapter's scheme). Takes an mlx-lm ``TokenizerWrapper``, an HF fast tokenizer, a ``tokenizers.Tokenizer``
-    or the path of a tokenizer.json."""
-    if isinstance(tokenizer, (str, os.PathLike)):
-        spec = json.loads(Path(tokenizer).read_text(encoding="utf-8"))
-    else:
-        inner = getattr(tokenizer, "_tokenizer", tokenizer)       # mlx-lm's TokenizerWrapper
-        backend = getattr(inner, "backend_tokenizer", inner)      # an HF fast tokenizer
-        if not hasattr(backend, "to_str"):
-            raise TypeError(f"need a fast (tokenizers-backed) tokenizer or a tokenizer.json path to compute "
-                            f"the tokenizer hash; got {type(tokenizer).__name__}")
-        spec = json.loads(backend.to_str())
-    return "sha256:" + hashlib.sha256(rfc8785.dumps(spec)).hexdigest()
+    """Scheme ``sha256`` (spec §6, the transformers adapter's) over mlx-lm's parameter tree (a quantized mlx
+    model hashes its packed weights and scales)."""
+    return tensors_hash((name, to_numpy(p)) for name, p in tree_flatten(model.parameters()))
 
 
 def _shape_fields(model: Any) -> dict[str, Any]:
