@@ -410,3 +410,15 @@ def test_k_permutation_matches_transformers(llm) -> None:
           f"{unpermuted:.3f}")
     assert k_err < 0.1 and v_err < 0.1
     assert unpermuted > 10 * k_err
+
+
+def test_mixed_bf16_and_block_types_decode_to_values() -> None:
+    """A bf16 K beside a q8_0 V meets in float32 as numbers, not as bf16 bit patterns."""
+    import ml_dtypes
+
+    kv = random_kv(3, "float32")
+    data = from_canonical(kv, layout=CacheLayout("bf16", "q8_0", False), seq_id=0)
+    back = to_canonical(ggsq.parse_seq_state(data), identity())
+    assert back.k.dtype == np.float32
+    np.testing.assert_array_equal(back.k, kv.k.astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert np.abs(back.v - kv.v).max() < 0.05

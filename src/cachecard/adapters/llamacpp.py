@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import llama_cpp
+import ml_dtypes
 import numpy as np
 
 from cachecard.adapters import ggsq
@@ -51,7 +52,7 @@ NEOX = frozenset({"qwen2", "qwen2moe", "qwen3", "qwen3moe", "gemma", "gemma2", "
 
 # Element types a cache row decodes from; block codecs give float32 exactly.
 _BLOCK_CODECS: dict[str, type[KVCodec]] = {"q8_0": Q8_0Codec, "q4_0": Q4_0Codec, "q4_1": Q4_1Codec}
-_PLAIN = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
+_PLAIN = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype(ml_dtypes.bfloat16)}
 # card preset -> the llama.cpp block type whose bytes its chunks hold
 PRESET_BLOCKS = {"q8": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1"}
 
@@ -88,8 +89,8 @@ def _decode_rows(rows: np.ndarray, type_name: str, n_values: int) -> np.ndarray:
 
 def _result_dtype(k: str, v: str) -> np.dtype:
     if k == v and k in _PLAIN:
-        return np.dtype("float32") if k == "f32" else np.dtype("float16") if k == "f16" else np.dtype("<u2")
-    return np.dtype("float32")  # blocks decode exactly to float32; mixed types meet there too
+        return _PLAIN[k]
+    return np.dtype("float32")  # blocks decode exactly to float32; mixed types (bf16 included) meet there too
 
 
 def norm_to_neox(k: np.ndarray) -> np.ndarray:
@@ -141,10 +142,6 @@ def to_canonical(state: SeqState, identity: ModelIdentity, *, order: KOrder | No
             v[i] = rows.transpose(1, 0, 2) if in_order else rows[order_].transpose(1, 0, 2)
     if (order or k_order(identity)) == "norm":
         k = norm_to_neox(k)
-    if dtype == np.dtype("<u2"):
-        import ml_dtypes
-
-        k, v = k.view(ml_dtypes.bfloat16), v.view(ml_dtypes.bfloat16)
     return CanonicalKV(k, v)
 
 
@@ -171,10 +168,6 @@ class CacheLayout:
 def _encode_rows(x: np.ndarray, type_name: str) -> np.ndarray:
     """``(n, n_values)`` float -> ``(n, row_bytes)`` uint8 in one ggml type."""
     if type_name in _PLAIN:
-        if type_name == "bf16":
-            import ml_dtypes
-
-            return np.ascontiguousarray(x.astype(ml_dtypes.bfloat16)).view(np.uint8).reshape(len(x), -1)
         return np.ascontiguousarray(x.astype(_PLAIN[type_name])).view(np.uint8).reshape(len(x), -1)
     if type_name in _BLOCK_CODECS:
         data = _BLOCK_CODECS[type_name]().encode_array(np.ascontiguousarray(x, np.float32), NO_CONTEXT)
@@ -271,9 +264,13 @@ def cache_layout(llm: llama_cpp.Llama) -> CacheLayout:
     return layout
 
 
-def capture(llm: llama_cpp.Llama, seq_id: int = 0, *, order: KOrder | None = None) -> tuple[CanonicalKV, np.ndarray]:
-    """The canonical KV and token ids of the Llama's evaluated tokens (sequence ``seq_id``; token ids come from
-    the Llama's bookkeeping, which tracks sequence 0)."""
+def capture(llm: llama_cpp.Llama, seq_id: int = 0, *, order: KOrder | None = None,
+            tokens: Sequence[int] | np.ndarray | None = None) -> tuple[CanonicalKV, np.ndarray]:
+    """The canonical KV and token ids of the Llama's evaluated tokens (sequence ``seq_id``). The Llama's
+    bookkeeping knows the token ids of sequence 0 only: other sequences need ``tokens``."""
+    if seq_id != 0 and tokens is None:
+        raise ValueError(f"llama-cpp-python tracks the token ids of sequence 0 only; pass tokens= for sequence "
+                         f"{seq_id} (a card binds KV to its exact token ids)")
     state = ggsq.parse_seq_state(get_seq_state(llm, seq_id))
     kv = to_canonical(state, model_identity(llm), order=order)
     positions = np.sort(state.stream().positions)
@@ -283,8 +280,10 @@ def capture(llm: llama_cpp.Llama, seq_id: int = 0, *, order: KOrder | None = Non
     if seq_id == 0 and len(positions) != llm.n_tokens:
         raise UnsupportedStateError(f"the cache holds {len(positions)} cells but the Llama counts {llm.n_tokens} "
                                     "tokens; evaluate with llm.eval(...) so both agree")
-    tokens = np.asarray(llm.input_ids[:len(positions)], np.int32)
-    return kv, tokens
+    ids = np.asarray(llm.input_ids[:len(positions)] if tokens is None else tokens, np.int32)
+    if len(ids) != len(positions):
+        raise KVShapeError(f"sequence {seq_id} holds {len(positions)} tokens; got {len(ids)} token ids")
+    return kv, ids
 
 
 def restore(card: object, llm: llama_cpp.Llama, *, seq_id: int = 0,
