@@ -82,20 +82,28 @@ def _stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
 def _gguf_identity(path: str, _size: int, _mtime: int) -> ModelIdentity:
     import gguf  # optional dependency: the hf and llamacpp extras carry it
 
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:  # gguf raises ValueError for a bad magic or a truncated file
+        raise ValueError(f"{path} is not a readable GGUF file ({e})") from e
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    arch = meta["general.architecture"]
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ValueError(f"{path} has no general.architecture; cannot identify the model")
 
     def get(key: str, default: object = None) -> object:
-        return meta.get(f"{arch}.{key}", default)
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"{path} lacks metadata key {arch}.{key}; cannot identify the model")
+        return value
 
     layers = int(get("block_count"))
     heads = int(get("attention.head_count"))
-    kv_heads = get("attention.head_count_kv", heads)
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # per-layer head counts (hybrid models): not one cache shape
         raise ValueError(f"{path}: per-layer KV head counts are not supported")
-    head_dim = int(get("attention.key_length", int(get("embedding_length")) // heads))
-    window = get("attention.sliding_window")
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or int(get("embedding_length")) // heads)
+    window = meta.get(f"{arch}.attention.sliding_window")
     scaling = {k.removeprefix(f"{arch}.rope.scaling."): v for k, v in meta.items()
                if k.startswith(f"{arch}.rope.scaling.")} or None
     tokenizer = {k: v for k, v in meta.items() if k.startswith("tokenizer.ggml.")}
