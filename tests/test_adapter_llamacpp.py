@@ -422,3 +422,58 @@ def test_mixed_bf16_and_block_types_decode_to_values() -> None:
     assert back.k.dtype == np.float32
     np.testing.assert_array_equal(back.k, kv.k.astype(ml_dtypes.bfloat16).astype(np.float32))
     assert np.abs(back.v - kv.v).max() < 0.05
+
+
+@pytest.mark.model
+def test_cards_cross_between_transformers_and_llama_cpp(llm, tmp_path) -> None:
+    """A transformers card restored into llama.cpp and a llama.cpp card restored into transformers give
+    first-token distributions close to each runtime's own (they differ only by the runtimes' arithmetic:
+    bench/interop.py measured KL 0.004 on average)."""
+    import torch
+
+    import cachecard
+
+    smollm2 = pytest.importorskip("smollm2")
+    from cachecard.adapters import hf
+
+    model, _ = smollm2.load()
+    ident = hf.model_identity(model, gguf=smollm2.gguf_path())
+    prompt = _prompt(llm, 96)
+    prefix, last = prompt[:-1], prompt[-1]
+
+    def kl(p: np.ndarray, q: np.ndarray) -> float:
+        p, q = (np.asarray(x, np.float64) for x in (p, q))
+        p, q = p - np.logaddexp.reduce(p), q - np.logaddexp.reduce(q)
+        return float(np.sum(np.exp(p) * (p - q)))
+
+    def llama_logits(restore_from=None) -> np.ndarray:
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        if restore_from is None:
+            llm.eval(prefix)
+        else:
+            assert llamacpp.restore(restore_from, llm) == len(prefix)
+        llm.eval([last])
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+    def hf_logits(cache) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([[last]]), past_key_values=cache).logits[0, -1].numpy()
+
+    with torch.no_grad():
+        hf_cache = model(torch.tensor([prefix]), use_cache=True).past_key_values
+    cachecard.write_card(tmp_path / "from_hf", hf.to_canonical(hf_cache), prefix, ident, runtime=hf.RUNTIME)
+    llm.reset()
+    llm.eval(prefix)
+    kv, tokens = llamacpp.capture(llm)
+    cachecard.write_card(tmp_path / "from_llama", kv, tokens, llamacpp.model_identity(llm, kv_dtype=kv.dtype),
+                         runtime=llamacpp.RUNTIME)
+
+    own_llama = llama_logits()
+    assert kl(own_llama, llama_logits(tmp_path / "from_hf")) < 0.05
+    own_hf = hf_logits(hf.restore(cachecard.open_card(tmp_path / "from_hf"), model, identity=ident))
+    assert kl(own_hf, hf_logits(hf.restore(cachecard.open_card(tmp_path / "from_llama"), model,
+                                           identity=ident))) < 0.05
