@@ -94,8 +94,8 @@ def identity_of(model: PreTrainedModel) -> ModelIdentity:
 
 
 def to_canonical(cache: DynamicCache, *, row: int | None = None) -> CanonicalKV:
-    """One sequence of a DynamicCache as canonical KV: the only one, or batch row ``row`` (its left padding
-    must be cut by the caller: use :func:`split_batch`)."""
+    """One sequence of a DynamicCache as canonical KV: the only one, or batch row ``row`` (a left-padded row
+    keeps its padding columns: slice them off the result, ``CanonicalKV(kv.k[:, :, pad:], kv.v[:, :, pad:])``)."""
     layers = cache.layers
     if any(layer.keys is None or not getattr(layer, "is_initialized", True) for layer in layers):
         raise KVShapeError("the cache has layers that hold no KV yet; run a forward pass first")
