@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from zarr.codecs import BytesCodec
 
-from cachecard.errors import CacheCardError, CorruptCardError
+from cachecard.errors import CacheCardError, CorruptCardError, UnsupportedCodecError
 from cachecard.kvstore.reader import Card
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
@@ -55,11 +55,11 @@ def read_layers(card: Card, tokens: int, *, device: str | torch.device, dtype: t
 
 
 def _serializers(card: Card) -> list[object]:
-    from cachecard.kvstore import fastread
-
-    if card.format == "1.0":
+    """The K and V serializers when both arrays can be read undecoded, else ``[]``."""
+    try:
+        return [card.read_encoded(which, layers=range(0)).codec for which in ("k", "v")]
+    except UnsupportedCodecError:  # compressed chunks or a format 1.0 card
         return []
-    return [fastread.encoded_serializer(card._stacked(which)) for which in ("k", "v")]
 
 
 def _decode_on_device(card: Card, which: str, tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
