@@ -79,3 +79,20 @@ def test_truncated_shard_is_corruption_on_the_fast_path(small_card):
     shard.write_bytes(raw[:100])
     with pytest.raises(CorruptCardError):
         card.read()
+
+
+@pytest.mark.parametrize("codec", ["q8", "lossless"])
+def test_read_encoded_is_the_same_on_local_and_object_stores(tmp_path, codec):
+    """Parallel in-place reads (local files) and one ranged request (fsspec) give the same payloads."""
+    import uuid
+
+    kv = make_kv(layers=3, heads=2, tokens=70, head_dim=32)
+    ident = make_identity(layers=3, head_dim=32)
+    url = f"memory://cachecard-{uuid.uuid4().hex}/card"
+    for where in (tmp_path / "card", url):
+        cachecard.write_card(where, kv, np.arange(70), ident, codec=codec, chunk_tokens=16)
+    local, remote = (cachecard.open_card(w).read_encoded("v", layers=range(1, 3), tokens=40)
+                     for w in (tmp_path / "card", url))
+    assert [(c.layer, c.token_start) for c in local.chunks] == [(c.layer, c.token_start) for c in remote.chunks]
+    assert len(local.chunks) == 2 * 3 and np.array_equal(local.buffer, remote.buffer)
+    assert all(np.array_equal(a.payload, b.payload) for a, b in zip(local.chunks, remote.chunks))

@@ -11,9 +11,10 @@ layer range × token range of a card's single shard itself:
    output: ``np.frombuffer`` for the plain ``bytes`` serializer, ``KVCodec.decode_chunk`` for cachecard's
    codecs, and zarr's own codec pipeline (batched) for anything else.
 
-``read_encoded_chunks`` reads the same chunks without decoding them: the serializer's payloads (crc32c checked
-and removed), for runtimes that take a codec's bytes as they are (the MLX adapter hands
-``cachecard.mlx_affine`` payloads to ``QuantizedKVCache`` with no dequantize/requantize).
+``read_payloads_into`` reads the same chunks without decoding them: the serializer's payloads (crc32c checked
+and removed) back to back in one caller buffer, for runtimes that take a codec's bytes as they are (the MLX
+adapter hands ``cachecard.mlx_affine`` payloads to ``QuantizedKVCache`` with no dequantize/requantize; the
+torch adapters copy the buffer to a GPU and decode there).
 
 Integrity is the same as zarr's path: an index entry outside the shard's data, a truncated chunk or a CRC
 failure is a :class:`CorruptCardError` naming the chunk and the object. Unknown layouts return ``None`` and
@@ -188,11 +189,10 @@ def _indexed_chunks(arr: zarr.Array, key: str, shard_size: int, index: np.ndarra
     return chunks
 
 
-def read_encoded_chunks(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
-                        layers: range, tokens: range, label: str, name: str) -> list[tuple[int, int, np.ndarray]]:
-    """The stored payloads of the inner chunks of ``layers`` × the token chunks that meet ``tokens`` of
-    ``arr`` (one that :func:`encoded_serializer` accepts), as ``(layer, token_chunk_index, payload)`` in
-    (layer, token) order, each payload's crc32c verified and stripped. One ranged read covers them all."""
+def _read_encoded_remote(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
+                         layers: range, tokens: range, label: str, name: str) -> list[tuple[int, int, np.ndarray]]:
+    """:func:`read_payloads_into` for object stores: one ranged request covers every chunk; returns
+    ``(layer, token_chunk_index, payload)`` in (layer, token) order, each crc32c verified and stripped."""
     L, H, T, D = arr.shape
     c = arr.chunks[2]
     chunks = _indexed_chunks(arr, key, shard_size, index, layers, tokens, label, name)
@@ -207,7 +207,7 @@ def read_encoded_chunks(store: Store, arr: zarr.Array, key: str, shard_size: int
         part = raw[ck.offset - start:ck.offset - start + ck.nbytes]
         if len(part) != ck.nbytes:
             raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
-        if google_crc32c.value(part[:-4]) != int(part[-4:].view("<u4")[0]):
+        if _crc32c(part[:-4]) != int(part[-4:].view("<u4")[0]):
             raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
         out.append((ck.layer, ck.j, part[:-4]))
     return out
@@ -216,12 +216,14 @@ def read_encoded_chunks(store: Store, arr: zarr.Array, key: str, shard_size: int
 def read_payloads_into(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
                        layers: range, tokens: range, label: str, name: str,
                        alloc: Callable[[int], np.ndarray]) -> list[tuple[int, int, int, int]]:
-    """Like :func:`read_encoded_chunks`, but the payloads land back to back in one buffer from ``alloc(total
-    bytes)`` (a pinned staging buffer for a device copy, say), read and CRC-checked by parallel workers on
-    local stores. Returns ``(layer, token_chunk_index, offset, nbytes)`` per chunk in (layer, token) order."""
+    """The stored payloads of the inner chunks of ``layers`` × the token chunks that meet ``tokens`` of ``arr``
+    (one that :func:`encoded_serializer` accepts), crc32c verified and stripped, back to back in one buffer
+    from ``alloc(total bytes)`` (a pinned staging buffer for a device copy, say); on local stores parallel
+    workers read and check them in place. Returns ``(layer, token_chunk_index, offset, nbytes)`` per chunk in
+    (layer, token) order."""
     path = _local_path(store, key)
     if path is None:  # object stores: one ranged read, then a copy
-        found = read_encoded_chunks(store, arr, key, shard_size, index, layers, tokens, label, name)
+        found = _read_encoded_remote(store, arr, key, shard_size, index, layers, tokens, label, name)
         out = alloc(sum(p.nbytes for _, _, p in found))
         places, pos = [], 0
         for layer, j, payload in found:
@@ -519,4 +521,4 @@ def _corrupt(label: str, name: str, key: str, layer: int = 0, j: int = 0, c: int
                             "delete the card and save it again, or restore it from a replica", card=label, part=name)
 
 
-__all__ = ["encoded_serializer", "read_encoded_chunks", "read_payloads_into", "read_shard_region"]
+__all__ = ["encoded_serializer", "read_payloads_into", "read_shard_region"]

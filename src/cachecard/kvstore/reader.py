@@ -75,7 +75,7 @@ class EncodedKV:
     codec: Any                          # the zarr array-to-bytes codec (serializer) of every chunk
     chunk_shape: tuple[int, int, int, int]  # (1, kv_heads, chunk_tokens, head_dim)
     chunks: list[EncodedChunk]
-    buffer: np.ndarray | None = None    # with read_encoded(alloc=...): every payload, back to back, in order
+    buffer: np.ndarray | None = None    # every payload, back to back, in order (None when nothing was read)
 
 
 class Card:
@@ -144,8 +144,8 @@ class Card:
         """The stored chunks of K (``which="k"``) or V that a layer range × token range touches, undecoded:
         each chunk's crc32c is verified as :meth:`read` does, then stripped.
 
-        With ``alloc`` (total bytes -> a uint8 array, e.g. pinned memory for a device copy), the payloads are
-        read by parallel workers straight into that one buffer, back to back in (layer, token) order.
+        The payloads are read by parallel workers (on local stores) into one buffer, back to back in (layer,
+        token) order; ``alloc`` (total bytes -> a uint8 array, e.g. pinned memory for a device copy) provides it.
 
         Raises :class:`UnsupportedCodecError` when the card's chunks are not ``serializer + crc32c``
         (compressed chunks, or a format 1.0 card): read those with :meth:`read`.
@@ -158,10 +158,10 @@ class Card:
             f"read_encoded needs format 1.1+ chunks stored as serializer + crc32c; this card's {which!r} array "
             f"(format {self.format}, preset {getattr(self.manifest.codecs, which)!r}) is not: use read()",
             card=self.label, part=which)
-        serializer = None if self._minor == 0 else fastread.encoded_serializer(self._stacked(which))
+        arr = None if self._minor == 0 else self._stacked(which)
+        serializer = None if arr is None else fastread.encoded_serializer(arr)
         if serializer is None:
             raise unsupported
-        arr = self._stacked(which)
         chunk_shape = tuple(arr.chunks)
         if not len(lr) or not len(tr):
             return EncodedKV(serializer, chunk_shape, [])  # type: ignore[arg-type]
@@ -172,23 +172,18 @@ class Card:
                                    card=self.label, part=which)
         if key not in self._indexed_shards:
             self._indexed_shards[key] = _check_shard_index(self._store, arr, key, self.label, which)
+        buffer: list[np.ndarray] = []
+
+        def keep(n: int) -> np.ndarray:  # one call: every payload goes into this buffer
+            buffer.append((alloc or _uint8_buffer)(n))
+            return buffer[0]
+
+        places = fastread.read_payloads_into(self._store, arr, key, size, self._indexed_shards[key], lr, tr,
+                                             self.label, which, keep)
         c, count = chunk_shape[2], self.manifest.tokens.count
-        if alloc is not None:
-            buffer: list[np.ndarray] = []
-
-            def keep(n: int) -> np.ndarray:
-                buffer.append(alloc(n))
-                return buffer[0]
-
-            places = fastread.read_payloads_into(self._store, arr, key, size, self._indexed_shards[key], lr, tr,
-                                                 self.label, which, keep)
-            chunks = [EncodedChunk(layer, j * c, min(c, count - j * c), buffer[0][at:at + nb])
-                      for layer, j, at, nb in places]
-            return EncodedKV(serializer, chunk_shape, chunks, buffer[0])  # type: ignore[arg-type]
-        found = fastread.read_encoded_chunks(self._store, arr, key, size, self._indexed_shards[key], lr, tr,
-                                             self.label, which)
-        chunks = [EncodedChunk(layer, j * c, min(c, count - j * c), payload) for layer, j, payload in found]
-        return EncodedKV(serializer, chunk_shape, chunks)  # type: ignore[arg-type]
+        chunks = [EncodedChunk(layer, j * c, min(c, count - j * c), buffer[0][at:at + nb])
+                  for layer, j, at, nb in places]
+        return EncodedKV(serializer, chunk_shape, chunks, buffer[0])  # type: ignore[arg-type]
 
     def objects(self) -> dict[str, int]:
         """Every stored object of the card and its size in bytes."""
@@ -311,6 +306,10 @@ class Card:
                                         card=self.label, part=name)
         return CorruptCardError("a chunk failed to decode; the card is damaged: delete it and save again",
                                 card=self.label, part=name)
+
+
+def _uint8_buffer(n: int) -> np.ndarray:
+    return np.empty(n, dtype=np.uint8)
 
 
 def open_card(location: Location, *, storage_options: dict[str, Any] | None = None,
