@@ -31,8 +31,8 @@ schema: $(STAMP)
 	$(PY) -c "import cachecard.manifest as m; print(m.schema_text(), end='')" > spec/schemas/manifest.schema.json
 
 vectors: $(STAMP)
-	CACHECARD_REGEN_VECTORS=1 $(PY) tests/make_vectors.py
-	CACHECARD_REGEN_VECTORS=1 $(PY) tests/make_codec_vectors.py
+	CACHECARD_REGEN_VECTORS=1 $(PY) scripts/make_vectors.py
+	CACHECARD_REGEN_VECTORS=1 $(PY) scripts/make_codec_vectors.py
 
 clean:
 	rm -rf $(VENV) cachecard-demo

@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from cachecard.adapters import hf  # noqa: E402
-from smollm2 import load  # noqa: E402
+from cachecard.testing.smollm2 import load  # noqa: E402
 
 MODULES = ["json", "re", "os", "collections", "argparse", "logging", "pathlib", "functools", "itertools",
            "subprocess", "typing", "unittest", "asyncio", "http.client", "email.message", "csv", "datetime"]

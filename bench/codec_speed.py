@@ -33,7 +33,7 @@ def real_kv(prefix: int = 2048) -> tuple[np.ndarray, np.ndarray, object]:
     import torch
 
     torch.set_num_threads(1)
-    from smollm2 import load, windows
+    from cachecard.testing.smollm2 import load, windows
 
     from cachecard.adapters import hf
 

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import quality  # noqa: E402
-from smollm2 import windows  # noqa: E402
+from cachecard.testing.smollm2 import windows  # noqa: E402
 
 PRESETS = ["lossless", "q8", "q4", "q4_0", "nf4", "polykv", "turbo3", "mixed3", "kivi2", "uniform:frontier3.2",
            "frontier3.2", "frontier2.5", "frontier2.2", "prune:value_norm:0.5:lossless", "prune:back:0.5:lossless"]

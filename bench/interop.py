@@ -32,7 +32,7 @@ import torch
 torch.set_num_threads(1)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import smollm2  # noqa: E402
+from cachecard.testing import smollm2  # noqa: E402
 
 import cachecard  # noqa: E402
 from cachecard.identity import gguf_identity  # noqa: E402

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import smollm2  # noqa: E402
+from cachecard.testing import smollm2  # noqa: E402
 
 import cachecard  # noqa: E402
 

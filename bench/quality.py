@@ -19,10 +19,10 @@ from transformers import DynamicCache
 import cachecard
 from cachecard import CanonicalKV
 from cachecard.adapters import hf
-from cachecard.codecs import plan
-from cachecard.codecs.pruning import prune
+from cachecard.codecs import planning as plan
+from cachecard.transforms.pruning import prune
 
-from smollm2 import load
+from cachecard.testing.smollm2 import load
 
 
 @dataclass

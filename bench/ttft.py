@@ -28,7 +28,7 @@ import torch
 
 from cachecard import Store
 from cachecard.adapters import hf
-from cachecard.kvstore.layout import DEFAULT_CHUNK_TOKENS
+from cachecard.card.layout import DEFAULT_CHUNK_TOKENS
 
 RESULTS = Path(__file__).parent / "results"
 CPU_CONTEXTS = (1024, 2048, 4096)
@@ -127,8 +127,7 @@ def _drop_page_cache(root: Path) -> None:
 
 
 def cpu(repeats: int) -> list[dict]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    import smollm2
+    from cachecard.testing import smollm2
 
     model, tok = smollm2.load()
     hf.bind(model, hf.model_identity(model, tok, gguf=smollm2.gguf_path()))

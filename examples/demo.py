@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import smollm2  # noqa: E402  (bench/smollm2.py: the offline model and the pydoc corpus)
+from cachecard.testing import smollm2  # noqa: E402  (bench/smollm2.py: the offline model and the pydoc corpus)
 
 import cachecard  # noqa: E402
 from cachecard.adapters import hf  # noqa: E402

@@ -11,14 +11,15 @@ from cachecard.errors import (
 )
 from cachecard.errors import AgentIdError, CardInUseError, StoreError, StoreFullError
 from cachecard.kv import CanonicalKV
-from cachecard.kvstore import Card, VerifyReport, open_card, read_card, verify_card, write_card
+from cachecard.card import Card, VerifyReport, open_card, read_card, verify_card, write_card
 from cachecard.kvstore import Match, Store, open_store
 from cachecard.manifest import CardManifest, LayerKind, ModelIdentity, ParentRef, Rope
+from cachecard.transforms import prune
 
 __all__ = [
     "__version__", "CacheCardError", "CardExistsError", "CardNotFoundError", "CorruptCardError",
     "FormatVersionError", "IdentityMismatchError", "IncompleteCardError", "KVShapeError", "ManifestError",
     "NotACardError", "UnsupportedCodecError", "CanonicalKV", "Card", "VerifyReport", "open_card", "read_card",
     "verify_card", "write_card", "CardManifest", "LayerKind", "ModelIdentity", "ParentRef", "Rope",
-    "AgentIdError", "CardInUseError", "StoreError", "StoreFullError", "Match", "Store", "open_store",
+    "AgentIdError", "CardInUseError", "StoreError", "StoreFullError", "Match", "Store", "open_store", "prune",
 ]

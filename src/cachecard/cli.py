@@ -15,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cachecard.errors import CacheCardError
-from cachecard.kvstore import layout, open_card
+from cachecard.card import layout
+from cachecard.card.reader import open_card
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and check CacheCard KV-cache cards and stores.")
 out = Console()

@@ -24,7 +24,7 @@ from cachecard.adapters.torch_read import read_layers
 from cachecard.errors import IdentityMismatchError, KVShapeError
 from cachecard.identity import check_identity, gguf_identity, tensors_hash, tokenizer_hash
 from cachecard.kv import CanonicalKV, as_numpy
-from cachecard.kvstore.reader import Card
+from cachecard.card.reader import Card
 from cachecard.kvstore.store import Store
 from cachecard.manifest import LayerKind, ModelIdentity, Rope
 

@@ -299,7 +299,7 @@ def restore(card: object, llm: llama_cpp.Llama, *, seq_id: int = 0,
         The card was made by another model (GGUF weights, tokenizer or shapes differ).
     """
     from cachecard import open_card
-    from cachecard.kvstore.reader import Card
+    from cachecard.card.reader import Card
 
     if not isinstance(card, Card):
         card = open_card(card)  # type: ignore[arg-type]
@@ -401,7 +401,7 @@ def write_slot_file(path: str | os.PathLike[str], state: SeqState, tokens: Seque
 def card_to_slot_file(card: object, path: str | os.PathLike[str], llm: llama_cpp.Llama) -> None:
     """Export a card as a slot file for this Llama's cache layout (no restore happens)."""
     from cachecard import open_card
-    from cachecard.kvstore.reader import Card
+    from cachecard.card.reader import Card
 
     if not isinstance(card, Card):
         card = open_card(card)  # type: ignore[arg-type]

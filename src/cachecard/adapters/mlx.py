@@ -27,9 +27,9 @@ from cachecard.codecs.mlx_affine import MLXAffineCodec
 from cachecard.errors import IdentityMismatchError, KVShapeError, UnsupportedCodecError
 from cachecard.identity import check_identity, gguf_identity, tensors_hash, tokenizer_hash
 from cachecard.kv import CanonicalKV
-from cachecard.kvstore.reader import Card, open_card
-from cachecard.kvstore.targets import Location
-from cachecard.kvstore.writer import write_card
+from cachecard.card.reader import Card, open_card
+from cachecard.card.locations import Location
+from cachecard.card.writer import write_card
 from cachecard.manifest import CardManifest, LayerKind, ModelIdentity, Rope
 
 RUNTIME = f"mlx-lm {mlx_lm.__version__} (mlx {mx.__version__})"

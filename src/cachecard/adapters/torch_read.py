@@ -19,7 +19,7 @@ import torch
 from zarr.codecs import BytesCodec
 
 from cachecard.errors import CacheCardError, CorruptCardError, UnsupportedCodecError
-from cachecard.kvstore.reader import Card
+from cachecard.card.reader import Card
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

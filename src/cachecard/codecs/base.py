@@ -25,7 +25,6 @@ import pydantic
 from pydantic import BaseModel, ConfigDict
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.buffer import Buffer, NDBuffer
-from zarr.core.common import parse_named_configuration
 
 from cachecard.errors import KVShapeError, UnsupportedCodecError
 
@@ -133,8 +132,15 @@ class KVCodec(ArrayBytesCodec):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KVCodec:
-        _, configuration = parse_named_configuration(data, cls.codec_id, require_configuration=False)
-        return cls(**(configuration or {}))
+        # zarr's own parse_named_configuration is internal API; the rule is this simple
+        if not isinstance(data, dict) or data.get("name") != cls.codec_id or set(data) - {"name", "configuration"}:
+            raise UnsupportedCodecError(f"expected a {{'name': {cls.codec_id!r}, 'configuration': {{...}}}} codec "
+                                        f"document; got {data!r}")
+        configuration = data.get("configuration") or {}
+        if not isinstance(configuration, dict):
+            raise UnsupportedCodecError(f"codec {cls.codec_id!r}: configuration must be an object; got "
+                                        f"{configuration!r}")
+        return cls(**configuration)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.codec_id, "configuration": self.config.model_dump(mode="json")}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field
 
-from cachecard.codecs import bitpack
+from cachecard.codecs import _bitpack as bitpack
 from cachecard.codecs.base import ChunkContext, CodecConfig, KVCodec, expect_size, num_elements, require_multiple
 from cachecard.errors import KVShapeError, UnsupportedCodecError
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import Field
 
-from cachecard.codecs import bitpack, hadamard, tokens
+from cachecard.codecs import _bitpack as bitpack, _hadamard as hadamard, _tokens as tokens
 from cachecard.codecs.base import ChunkContext, CodecConfig, KVCodec, require_power_of_two
 from cachecard.codecs.turbo import TurboCodec
 

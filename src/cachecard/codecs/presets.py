@@ -13,27 +13,14 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from zarr.abc.codec import ArrayBytesCodec, BytesBytesCodec
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, BytesCodec
 
+from cachecard.codecs import planning
+from cachecard.codecs.pipelines import Pipeline, Planner
 from cachecard.errors import UnsupportedCodecError
 
 if TYPE_CHECKING:
     from cachecard.manifest import ModelIdentity
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    """The codecs of one inner chunk: a serializer, then byte-to-byte codecs ending in crc32c."""
-
-    serializer: ArrayBytesCodec
-    compressors: tuple[BytesBytesCodec, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.compressors or not isinstance(self.compressors[-1], Crc32cCodec):
-            object.__setattr__(self, "compressors", (*self.compressors, Crc32cCodec()))
-
-
-Planner = Callable[[np.ndarray, "ModelIdentity"], Pipeline]
 
 
 @dataclass(frozen=True)
@@ -111,10 +98,8 @@ register(Preset("polykv", "PolyKV's pairing: K q8_0, V rotation + 3-bit Lloyd-Ma
 
 
 def _planned(kind: str, bits: float, **kw: object) -> Planner:
-    """A data-planned pipeline from cachecard.codecs.plan (imported when planned: it imports this module)."""
+    """A data-planned pipeline from cachecard.codecs.planning."""
     def plan(array: np.ndarray, model: ModelIdentity) -> Pipeline:
-        from cachecard.codecs import plan as planning
-
         return getattr(planning, f"{kind}_at")(bits, **kw)(array, model)
 
     return plan

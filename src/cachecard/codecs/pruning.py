@@ -1,67 +1,10 @@
-"""Token pruning: an explicit, irreversible, lossy tier (spec/codecs/pruning.md). Never a default.
+"""Deprecated alias of :mod:`cachecard.transforms.pruning` (pruning is a transform, not a codec); removed in
+0.3."""
 
-Quantized Cache-to-Cache's cache-length reduction: keep a fraction of the tokens — the front of the sequence,
-its back, or the tokens with the largest value norms — and record which (their positions) and of what (the
-source sequence's length and digest), so a restore places the next token at the right position and a store
-never mistakes the pruned card for the full prefix.
-"""
+import warnings
 
-from __future__ import annotations
+from cachecard.transforms.pruning import *  # noqa: F401,F403
+from cachecard.transforms.pruning import __all__  # noqa: F401
 
-import math
-from dataclasses import dataclass
-from typing import Literal, Sequence
-
-import numpy as np
-
-from cachecard.errors import KVShapeError
-from cachecard.kv import CanonicalKV
-from cachecard.manifest import Pruning, token_digest
-
-Method = Literal["value_norm", "front", "back"]
-
-
-@dataclass(frozen=True)
-class Pruned:
-    """What ``write_card(location, p.kv, p.tokens, model, positions=p.positions, pruning=p.record)`` takes."""
-
-    kv: CanonicalKV
-    tokens: np.ndarray      # ids of the kept tokens
-    positions: np.ndarray   # their positions in the source sequence, increasing
-    record: Pruning
-
-
-def kept_count(total: int, keep: float) -> int:
-    """ceil(keep · total), at least one token of a non-empty sequence."""
-    return min(total, max(1, math.ceil(keep * total))) if total else 0
-
-
-def select(kv: CanonicalKV, keep: float, method: Method) -> np.ndarray:
-    """Indices (ascending) of the tokens a pruning keeps."""
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be a fraction in (0, 1]; got {keep}")
-    t = kv.num_tokens
-    n = kept_count(t, keep)
-    if method == "front":
-        return np.arange(n)
-    if method == "back":
-        return np.arange(t - n, t)
-    if method == "value_norm":
-        v = kv.v.astype(np.float32)
-        score = np.sqrt(np.einsum("lhtd,lhtd->lht", v, v)).sum(axis=(0, 1))  # L2 norm per head, summed
-        return np.sort(np.argsort(-score, kind="stable")[:n])  # ties keep the earlier token
-    raise ValueError(f"unknown pruning method {method!r}; use 'value_norm', 'front' or 'back'")
-
-
-def prune(kv: CanonicalKV, tokens: Sequence[int] | np.ndarray, keep: float, method: Method = "value_norm") -> Pruned:
-    """Keep ``keep`` of the tokens of ``kv``, the KV of the whole sequence ``tokens`` (positions from 0)."""
-    ids = np.asarray(tokens)
-    if ids.shape != (kv.num_tokens,):
-        raise KVShapeError(f"need one token id per cached token: KV holds {kv.num_tokens}, got {ids.shape}")
-    if not kv.num_tokens:
-        raise KVShapeError("nothing to prune: the cache holds no tokens")
-    idx = select(kv, keep, method)
-    record = Pruning(method=method, keep=keep, source_tokens=kv.num_tokens,
-                     source_sha256=token_digest(ids))
-    return Pruned(CanonicalKV(np.ascontiguousarray(kv.k[:, :, idx]), np.ascontiguousarray(kv.v[:, :, idx])),
-                  ids[idx], idx, record)
+warnings.warn("cachecard.codecs.pruning moved to cachecard.transforms.pruning (or cachecard.prune); the old "
+              "name goes away in 0.3", DeprecationWarning, stacklevel=2)

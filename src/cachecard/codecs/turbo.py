@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import Field
 
-from cachecard.codecs import bitpack, hadamard, lloyd_max
+from cachecard.codecs import _bitpack as bitpack, _hadamard as hadamard, _lloyd_max as lloyd_max
 from cachecard.codecs.base import (
     ChunkContext, CodecConfig, KVCodec, as_rows, expect_size, num_elements, require_power_of_two,
 )

@@ -19,7 +19,7 @@ import numpy as np
 from cachecard.errors import CacheCardError, CorruptCardError
 from cachecard.kvstore import index as ix
 from cachecard.kvstore.names import AGENT_RE, CARD_ID_RE, Progress, unlink_quietly
-from cachecard.kvstore.reader import Card, open_card
+from cachecard.card.reader import Card, open_card
 
 DEFAULT_GRACE_S = 3600.0     # gc leaves unindexed data younger than this alone: a put may still be writing it
 

@@ -39,13 +39,13 @@ from cachecard.errors import (
 )
 from cachecard.kv import CanonicalKV
 from cachecard.kvstore import index as ix
-from cachecard.kvstore import layout
-from cachecard.kvstore.reader import Card, open_card
+from cachecard.card import layout
+from cachecard.card.reader import Card, open_card
 from cachecard.kvstore.names import (
     _OPEN_CACHE, ATIME_RESOLUTION_S, DEFAULT_BLOCK_TOKENS, STORE_FILE, STORE_VERSION, check_agent, check_card_id,
 )
 from cachecard.kvstore.scans import GcReport, ReindexReport, StoreScans, VerifyStoreReport
-from cachecard.kvstore.writer import write_card
+from cachecard.card.writer import write_card
 from cachecard.manifest import CardManifest, ModelIdentity, ParentRef
 
 

@@ -1,0 +1,168 @@
+"""Where a card lives, and how a write commits atomically (spec/cachecard-1.md §7.3, "Commit").
+
+A location is a local directory path, a ``.zip`` path, an fsspec URL (``s3://…``, ``memory://…``) or any
+zarr ``Store``. Local directories and zips are written under a hidden staging name and renamed into place,
+so the final name only ever holds a complete card. Elsewhere the root ``zarr.json`` (which carries the
+manifest) is written last, so a half-written card has no manifest and reads as incomplete, never as valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from zarr.abc.store import Store
+from zarr.storage import FsspecStore, LocalStore, WrapperStore, ZipStore
+
+from cachecard.card._zarr import open_zip, sync
+from cachecard.errors import CardExistsError, CardNotFoundError
+
+ROOT_KEY = "zarr.json"
+Location = str | os.PathLike[str] | Store
+
+
+def describe(location: Location) -> str:
+    """A short name of a location for messages."""
+    return str(location) if not isinstance(location, Store) else f"<{type(location).__name__}>"
+
+
+def _is_url(location: Location) -> bool:
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+class _DeferRoot(WrapperStore[Store]):
+    """Swallows zarr's implicit writes of the root ``zarr.json``: the writer writes it once, last."""
+
+    async def set(self, key: str, value: Any) -> None:
+        if key != ROOT_KEY:
+            await self._store.set(key, value)
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
+        if key != ROOT_KEY:
+            await self._store.set_if_not_exists(key, value)
+
+
+def _root_exists(store: Store) -> bool:
+    return sync(store.exists(ROOT_KEY))
+
+
+def _retract(store: Store) -> None:
+    """Un-publish a card before replacing it: the root first (readers then see an incomplete card, never
+    old metadata over new chunks), then every other object, so none of the old card lingers."""
+
+    async def run() -> None:
+        await store.delete(ROOT_KEY)
+        keys = [key async for key in store.list()]
+        for key in keys:
+            await store.delete(key)
+
+    sync(run())
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def writable(location: Location, *, overwrite: bool = False,
+             storage_options: dict[str, Any] | None = None) -> Iterator[tuple[Store, Store]]:
+    """Yield ``(data_store, root_store)``: write arrays through the first, the root document through the
+    second, last. Leaving the block commits; an exception leaves nothing at the location."""
+    if isinstance(location, Store) or _is_url(location):
+        store = location if isinstance(location, Store) else FsspecStore.from_url(
+            str(location), storage_options=storage_options)
+        if _root_exists(store):
+            if not overwrite:
+                raise CardExistsError("a card already exists here; cards are immutable (pass overwrite=True "
+                                      "to replace it)", card=describe(location))
+            _retract(store)
+        yield _DeferRoot(store), store
+        return
+
+    dest = Path(location)
+    if dest.exists() and not overwrite:
+        raise CardExistsError("a card already exists here; cards are immutable (pass overwrite=True to "
+                              "replace it)", card=str(dest))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex}"
+    is_zip = dest.suffix == ".zip"
+    store: Store = ZipStore(stage, mode="w") if is_zip else LocalStore(stage)
+    try:
+        yield _DeferRoot(store), store
+        store.close()
+        if is_zip:
+            with open(stage, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            _fsync_tree(stage)
+        _publish(stage, dest, overwrite=overwrite)
+    except BaseException:
+        store.close()
+        _remove(stage)
+        raise
+
+
+def _publish(stage: Path, dest: Path, *, overwrite: bool) -> None:
+    trash = None
+    if overwrite and dest.exists():
+        trash = dest.parent / f".{dest.name}.trash-{uuid.uuid4().hex}"
+        os.rename(dest, trash)
+    try:
+        if dest.exists():  # lost a race with another writer; os.rename would replace a file silently
+            raise CardExistsError("another writer committed a card here first", card=str(dest))
+        os.rename(stage, dest)
+    except OSError as e:
+        raise CardExistsError(f"could not commit ({e.strerror}); another writer may have committed first",
+                              card=str(dest)) from e
+    finally:
+        if trash is not None:
+            _remove(trash)
+    dir_fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def readable(location: Location, *, storage_options: dict[str, Any] | None = None) -> Store:
+    """Open a location read-only; CardNotFoundError if nothing is there."""
+    if isinstance(location, Store):
+        return location
+    if _is_url(location):
+        return FsspecStore.from_url(str(location), storage_options=storage_options, read_only=True)
+    path = Path(location)
+    if not path.exists():
+        raise CardNotFoundError("nothing is stored here; check the path", card=str(path))
+    if path.is_file():
+        return open_zip(path)
+    return LocalStore(path, read_only=True)
+
+
+def stored_objects(store: Store) -> dict[str, int]:
+    """Every object of a card with its size in bytes."""
+
+    async def sizes() -> dict[str, int]:
+        return {key: await store.getsize(key) async for key in store.list()}
+
+    return sync(sizes())
+
+
+__all__ = ["Location", "ROOT_KEY", "describe", "readable", "stored_objects", "writable"]

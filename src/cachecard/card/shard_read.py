@@ -1,0 +1,498 @@
+"""The fast read path of a format 1.1 shard (spec/cachecard-1.md §5.2, §10).
+
+zarr decodes a shard one inner chunk at a time through its async pipeline, about 0.2 ms per chunk, so a
+4K-token card of a 30-layer model (960 inner chunks) reads at a fraction of disk speed. This module reads a
+layer range × token range of a card's single shard itself:
+
+1. the shard index (already read and CRC-checked by the reader) gives ``(offset, nbytes)`` per inner chunk;
+2. the needed byte ranges are coalesced into a few large ranged reads (``pread`` into a reused buffer for
+   local files, concurrent ranged ``get`` requests for object stores);
+3. every inner chunk's crc32c is verified (google_crc32c), then the chunk is decoded straight into the
+   output: ``np.frombuffer`` for the plain ``bytes`` serializer, ``KVCodec.decode_chunk`` for cachecard's
+   codecs, and zarr's own codec pipeline (batched) for anything else.
+
+``read_payloads_into`` reads the same chunks without decoding them: the serializer's payloads (crc32c checked
+and removed) back to back in one caller buffer, for runtimes that take a codec's bytes as they are (the MLX
+adapter hands ``cachecard.mlx_affine`` payloads to ``QuantizedKVCache`` with no dequantize/requantize; the
+torch adapters copy the buffer to a GPU and decode there).
+
+Integrity is the same as zarr's path: an index entry outside the shard's data, a truncated chunk or a CRC
+failure is a :class:`CorruptCardError` naming the chunk and the object. Unknown layouts return ``None`` and
+the reader falls back to zarr.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import google_crc32c
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.storage import LocalStore
+
+from cachecard.card import _zarr
+from cachecard.card._zarr import RangeByteRequest
+from cachecard.codecs.base import KVCodec
+from cachecard.errors import CorruptCardError
+
+RUN_GAP = 64 << 10        # coalesce ranges separated by less than this many bytes
+RUN_MAX = 8 << 20         # but keep each read at most this large (streamed through a reused buffer)
+REMOTE_CONCURRENCY = 16   # ranged requests in flight per read on object stores
+MAX_DIRECT_HEADS = 64     # scatter-read chunks straight into the output up to this many KV heads
+IOV_BATCH = 1000          # iovecs per preadv call (Linux IOV_MAX is 1024)
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+_STAGING_WORKERS = max(1, min(8, os.cpu_count() or 1))  # read_payloads_into: big reads for device restores
+
+try:  # the crc32c package releases the GIL, so parallel workers check CRCs in parallel; same values
+    from crc32c import crc32c as _crc32c
+except ImportError:  # pragma: no cover - google_crc32c is always there (zarr's own dependency)
+    _crc32c = google_crc32c.value
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    layer: int      # grid coordinate along layers
+    j: int          # token-chunk index
+    offset: int
+    nbytes: int
+
+
+def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
+                      bounds: list[tuple[int, int]], label: str, name: str) -> np.ndarray | None:
+    """Decode ``bounds`` (per-axis ``(start, stop)`` of (layer, kv_head, token, channel)) of the card array
+    ``arr`` from its single shard ``key``; ``None`` if this layout is not one the fast path knows."""
+    meta = arr.metadata
+    codecs = meta.codecs
+    if arr.ndim != 4 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    sharding: ShardingCodec = codecs[0]
+    L, H, T, D = arr.shape
+    cl, ch, c, cd = sharding.chunk_shape
+    shards = arr.shards
+    if (cl, ch, cd) != (1, H, D) or shards is None or tuple(shards[:2]) != (L, H) or shards[3] != D:
+        return None
+    per_tokens = shards[2] // c
+    if shards[2] % c or len(index) != L * per_tokens:
+        return None
+    pipe = sharding.codec_pipeline
+    if list(pipe.array_array_codecs):
+        return None
+    serializer = pipe.array_bytes_codec
+    after = list(pipe.bytes_bytes_codecs)
+    storage = np.dtype(arr.dtype).newbyteorder("<")
+    decode = _decoder(serializer, after, arr, storage, (1, H, c, D))
+    if decode is None:
+        return None
+
+    (l0, l1), (h0, h1), (t0, t1), (d0, d1) = bounds
+    out = np.empty((max(0, l1 - l0), max(0, h1 - h0), max(0, t1 - t0), max(0, d1 - d0)), dtype=storage)
+    if out.size == 0:
+        return out
+    data_end = shard_size - (16 * len(index) + 4)
+    chunks = []
+    for layer in range(l0, l1):
+        for j in range(t0 // c, (t1 - 1) // c + 1):
+            off, nb = (int(x) for x in index[layer * per_tokens + j])
+            if nb < 4 or off > data_end or nb > data_end - off:
+                raise _corrupt(label, name, key, layer, j, c, H, D, T,
+                               f"its index entry ({off}, {nb}) lies outside the shard's data")
+            chunks.append(_Chunk(layer, j, off, nb))
+    chunks.sort(key=lambda ch_: ch_.offset)
+    runs = _coalesce(chunks)
+
+    def place(buf: np.ndarray, base: int, run: list[_Chunk]) -> None:
+        payloads = []
+        for ck in run:
+            raw = buf[ck.offset - base: ck.offset - base + ck.nbytes]
+            if len(raw) != ck.nbytes:
+                raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
+            body = raw[:-4]
+            if google_crc32c.value(body) != int(raw[-4:].view("<u4")[0]):
+                raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
+            payloads.append((ck, raw))
+        try:
+            decoded = decode([raw for _, raw in payloads])
+        except CorruptCardError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a payload that passes its CRC but does not decode
+            ck = payloads[0][0]
+            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, f"{type(e).__name__}: {e}") from e
+        for (ck, _), block in zip(payloads, decoded):
+            if block.shape != (1, H, c, D):
+                raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T,
+                               f"decoded to shape {block.shape}, not {(1, H, c, D)}")
+            a, b = max(t0, ck.j * c), min(t1, (ck.j + 1) * c)
+            out[ck.layer - l0, :, a - t0:b - t0] = block[0, h0:h1, a - ck.j * c:b - ck.j * c, d0:d1]
+
+    path = _local_path(store, key)
+    if path is not None and not path.is_file():
+        raise CorruptCardError(f"object {key!r} is missing; the card is damaged (or was deleted while being read)",
+                               card=label, part=name)
+    if path is not None and getattr(decode, "plain", False) and H <= MAX_DIRECT_HEADS and (h0, h1) == (0, H) \
+            and (d0, d1) == (0, D):
+        check = functools.partial(_corrupt, label, name, key, c=c, H=H, D=D, T=T)
+        _read_local_direct(path, runs, out, l0, t0, t1, c, check)
+    elif path is not None:
+        _read_local(path, runs, place)
+    else:
+        _read_remote(store, key, runs, place)
+    return out
+
+
+def encoded_serializer(arr: zarr.Array) -> Any | None:
+    """The serializer of a format 1.1 card array whose inner chunks are ``serializer + crc32c`` (so a
+    stored payload is exactly the serializer's bytes); ``None`` for any other layout."""
+    codecs = arr.metadata.codecs
+    if arr.ndim != 4 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    pipe = codecs[0].codec_pipeline
+    after = list(pipe.bytes_bytes_codecs)
+    if list(pipe.array_array_codecs) or len(after) != 1 or not isinstance(after[0], Crc32cCodec):
+        return None
+    return pipe.array_bytes_codec
+
+
+def _indexed_chunks(arr: zarr.Array, key: str, shard_size: int, index: np.ndarray, layers: range, tokens: range,
+                    label: str, name: str) -> list[_Chunk]:
+    """The checked index entries of ``layers`` × the token chunks that meet ``tokens``, in (layer, token)
+    order: every entry must lie inside the shard's data, and no two may overlap (the undecoded paths hand
+    payloads to runtimes as they are, so a chunk must be exactly its own bytes)."""
+    L, H, T, D = arr.shape
+    c = arr.chunks[2]
+    per_tokens = arr.shards[2] // c
+    if len(index) != L * per_tokens:
+        raise CorruptCardError(f"the shard index of object {key!r} has {len(index)} entries for a grid of "
+                               f"{L * per_tokens} chunks; delete the card and save it again", card=label, part=name)
+    if not len(layers) or not len(tokens):
+        return []
+    data_end = shard_size - (16 * len(index) + 4)
+    chunks = []
+    for layer in layers:
+        for j in range(tokens.start // c, (tokens.stop - 1) // c + 1):
+            off, nb = (int(x) for x in index[layer * per_tokens + j])
+            if nb < 4 or off > data_end or nb > data_end - off:
+                raise _corrupt(label, name, key, layer, j, c, H, D, T,
+                               f"its index entry ({off}, {nb}) lies outside the shard's data")
+            chunks.append(_Chunk(layer, j, off, nb))
+    by_offset = sorted(chunks, key=lambda ck: ck.offset)
+    for a, b in zip(by_offset, by_offset[1:]):  # our writer never shares bytes between chunks
+        if b.offset < a.offset + a.nbytes:
+            raise _corrupt(label, name, key, b.layer, b.j, c, H, D, T, "its index entry overlaps another chunk")
+    return chunks
+
+
+def _read_encoded_remote(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
+                         layers: range, tokens: range, label: str, name: str) -> list[tuple[int, int, np.ndarray]]:
+    """:func:`read_payloads_into` for object stores: one ranged request covers every chunk; returns
+    ``(layer, token_chunk_index, payload)`` in (layer, token) order, each crc32c verified and stripped."""
+    L, H, T, D = arr.shape
+    c = arr.chunks[2]
+    chunks = _indexed_chunks(arr, key, shard_size, index, layers, tokens, label, name)
+    if not chunks:
+        return []
+    start = min(ck.offset for ck in chunks)
+    end = max(ck.offset + ck.nbytes for ck in chunks)
+    got = _zarr.get_bytes(store, key, RangeByteRequest(start, end))
+    raw = np.empty(0, np.uint8) if got is None else np.frombuffer(got, dtype=np.uint8)
+    out = []
+    for ck in chunks:
+        part = raw[ck.offset - start:ck.offset - start + ck.nbytes]
+        if len(part) != ck.nbytes:
+            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
+        if _crc32c(part[:-4]) != int(part[-4:].view("<u4")[0]):
+            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
+        out.append((ck.layer, ck.j, part[:-4]))
+    return out
+
+
+def read_payloads_into(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
+                       layers: range, tokens: range, label: str, name: str,
+                       alloc: Callable[[int], np.ndarray]) -> list[tuple[int, int, int, int]]:
+    """The stored payloads of the inner chunks of ``layers`` × the token chunks that meet ``tokens`` of ``arr``
+    (one that :func:`encoded_serializer` accepts), crc32c verified and stripped, back to back in one buffer
+    from ``alloc(total bytes)`` (a pinned staging buffer for a device copy, say); on local stores parallel
+    workers read and check them in place. Returns ``(layer, token_chunk_index, offset, nbytes)`` per chunk in
+    (layer, token) order."""
+    path = _local_path(store, key)
+    if path is None:  # object stores: one ranged read, then a copy
+        found = _read_encoded_remote(store, arr, key, shard_size, index, layers, tokens, label, name)
+        out = alloc(sum(p.nbytes for _, _, p in found))
+        places, pos = [], 0
+        for layer, j, payload in found:
+            out[pos:pos + payload.nbytes] = payload
+            places.append((layer, j, pos, payload.nbytes))
+            pos += payload.nbytes
+        return places
+    L, H, T, D = arr.shape
+    c = arr.chunks[2]
+    chunks = _indexed_chunks(arr, key, shard_size, index, layers, tokens, label, name)
+    places, pos = [], 0
+    for ck in chunks:
+        places.append((ck.layer, ck.j, pos, ck.nbytes - 4))
+        pos += ck.nbytes - 4
+    out = alloc(pos)
+    if not path.is_file():
+        raise CorruptCardError(f"object {key!r} is missing; the card is damaged (or was deleted while being read)",
+                               card=label, part=name)
+    check = functools.partial(_corrupt, label, name, key, c=c, H=H, D=D, T=T)
+    _scatter_payloads(path, chunks, [at for _, _, at, _ in places], out, check)
+    return places
+
+
+def _scatter_payloads(path: Path, chunks: list[_Chunk], dest: list[int], out: np.ndarray,
+                      check: Callable[..., CorruptCardError]) -> None:
+    """``preadv`` each chunk's payload straight to ``out[dest:]`` and its crc32c beside it (one kernel copy,
+    no staging), then check the CRCs in place; runs of chunks go to parallel workers."""
+    order = sorted(range(len(chunks)), key=lambda i: chunks[i].offset)
+    runs = _coalesce([chunks[i] for i in order])
+    at = {id(chunks[i]): dest[i] for i in order}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def work(batch: list[list[_Chunk]]) -> None:
+            junk = memoryview(np.empty(RUN_GAP, dtype=np.uint8))
+            for run in batch:
+                crcs = np.empty((len(run), 4), dtype=np.uint8)
+                crc_mv = memoryview(crcs.reshape(-1))
+                iov: list[memoryview] = []
+                pos = start = run[0].offset
+                for i, ck in enumerate(run):
+                    if ck.offset < pos:  # overlapping chunks: only a hostile index does this
+                        raise check(layer=ck.layer, j=ck.j, why="its index entry overlaps another chunk")
+                    if ck.offset > pos:
+                        iov.append(junk[:ck.offset - pos])
+                    a = at[id(ck)]
+                    iov.append(memoryview(out[a:a + ck.nbytes - 4]))
+                    iov.append(crc_mv[4 * i:4 * i + 4])
+                    pos = ck.offset + ck.nbytes
+                got = want = 0
+                for k in range(0, len(iov), IOV_BATCH):
+                    part = iov[k:k + IOV_BATCH]
+                    got += _preadv_full(fd, part, start + want)
+                    want += sum(len(m) for m in part)
+                    if got != want:
+                        raise check(layer=run[-1].layer, j=run[-1].j, why="the shard is truncated")
+                stored = crcs.view("<u4")[:, 0]
+                for i, ck in enumerate(run):
+                    a = at[id(ck)]
+                    if _crc32c(out[a:a + ck.nbytes - 4]) != stored[i]:
+                        raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
+
+        _in_workers(work, runs, _STAGING_WORKERS)
+    finally:
+        os.close(fd)
+
+
+def _decoder(serializer: Any, after: list[Any], arr: zarr.Array, storage: np.dtype,
+             shape: tuple[int, ...]) -> Callable[[list[np.ndarray]], list[np.ndarray]] | None:
+    """A batch decoder of CRC-checked encoded inner chunks (``payload + crc32c``)."""
+    if not after or not isinstance(after[-1], Crc32cCodec):
+        return None  # spec: crc32c is always last; anything else goes through zarr
+    if len(after) == 1 and isinstance(serializer, BytesCodec) and (
+            serializer.endian is None or serializer.endian.value == "little" or storage.itemsize == 1):
+        nbytes = int(np.prod(shape)) * storage.itemsize
+
+        def plain(raws: list[np.ndarray]) -> list[np.ndarray]:
+            blocks = []
+            for raw in raws:
+                if len(raw) - 4 != nbytes:
+                    raise ValueError(f"chunk holds {len(raw) - 4} bytes, expected {nbytes}")
+                blocks.append(raw[:-4].view(storage).reshape(shape))
+            return blocks
+
+        plain.plain = True  # type: ignore[attr-defined]
+        return plain
+    if len(after) == 1 and isinstance(serializer, KVCodec):
+        return lambda raws: [serializer.decode_chunk(raw[:-4], shape, storage) for raw in raws]
+    # Any other pipeline (e.g. bytes-to-bytes compressors): zarr's codec objects, one batch per run.
+    geo = _zarr.shard_geometry(arr)
+    return lambda raws: [d.view(storage).reshape(shape) for d in geo.decode_batch(raws)]
+
+
+def _coalesce(chunks: list[_Chunk]) -> list[list[_Chunk]]:
+    runs: list[list[_Chunk]] = []
+    start = end = 0
+    for ck in chunks:  # sorted by offset
+        if runs and ck.offset - end <= RUN_GAP and ck.offset + ck.nbytes - start <= RUN_MAX:
+            runs[-1].append(ck)
+            end = max(end, ck.offset + ck.nbytes)
+            continue
+        runs.append([ck])
+        start, end = ck.offset, ck.offset + ck.nbytes
+    return runs
+
+
+def _span(run: list[_Chunk]) -> tuple[int, int]:
+    return run[0].offset, max(x.offset + x.nbytes for x in run)
+
+
+def _local_path(store: Store, key: str) -> Path | None:
+    if type(store) is LocalStore:
+        return Path(store.root) / key
+    return None
+
+
+def _read_local(path: Path, runs: list[list[_Chunk]], place: Callable[[np.ndarray, int, list[_Chunk]], None],
+                workers: int = _WORKERS) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def work(batch: list[list[_Chunk]]) -> None:
+            buf = np.empty(max(_span(r)[1] - _span(r)[0] for r in batch), dtype=np.uint8)
+            for run in batch:
+                start, end = _span(run)
+                view = buf[:end - start]
+                got = _pread_into(fd, view, start)
+                place(view[:got], start, run)
+
+        _in_workers(work, runs, workers)
+    finally:
+        os.close(fd)
+
+
+def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0: int, t0: int, t1: int, c: int,
+                       check: Callable[..., CorruptCardError]) -> None:
+    """Plain (``bytes`` + crc32c) chunks of a local shard: ``preadv`` scatters each chunk's bytes straight
+    into the output (one kernel copy, as a raw read does), then the CRC is checked in place. Chunks cut by
+    the token range (or holding padding) go through a scratch buffer."""
+    nl, H, nt, D = out.shape
+    rb = D * out.dtype.itemsize  # bytes per token row of one head
+    flat = out.reshape(nl, H, nt * D).view(np.uint8)  # (layer, head, bytes): C-contiguous rows
+    rows_np = [[flat[li, h] for h in range(H)] for li in range(nl)]
+    rows_mv = [[memoryview(x) for x in r] for r in rows_np]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def work(batch: list[list[_Chunk]]) -> None:
+            junk = memoryview(np.empty(RUN_GAP, dtype=np.uint8))
+            for run in batch:
+                start = run[0].offset
+                iov: list[memoryview] = []
+                crcs = np.empty((len(run), 4), dtype=np.uint8)
+                crc_mv = memoryview(crcs.reshape(-1))
+                direct: list[tuple[_Chunk, int, int, int, int]] = []
+                scratch: list[tuple[_Chunk, np.ndarray]] = []
+                pos = start
+                for i, ck in enumerate(run):
+                    if ck.offset < pos:  # overlapping chunks (a hostile index): read this one on its own
+                        buf = np.empty(ck.nbytes, dtype=np.uint8)
+                        if _preadv_full(fd, [memoryview(buf)], ck.offset) != ck.nbytes:
+                            raise check(layer=ck.layer, j=ck.j, why="the shard is truncated")
+                        scratch.append((ck, buf))
+                        continue
+                    if ck.offset > pos:
+                        iov.append(junk[:ck.offset - pos])
+                    a = ck.j * c
+                    if a >= t0 and a + c <= t1 and ck.nbytes - 4 == H * c * rb:
+                        li, x0, x1 = ck.layer - l0, (a - t0) * rb, (a + c - t0) * rb
+                        iov.extend(m[x0:x1] for m in rows_mv[li])
+                        iov.append(crc_mv[4 * i:4 * i + 4])
+                        direct.append((ck, li, x0, x1, i))
+                    else:
+                        buf = np.empty(ck.nbytes, dtype=np.uint8)
+                        iov.append(memoryview(buf))
+                        scratch.append((ck, buf))
+                    pos = ck.offset + ck.nbytes
+                got, want = 0, 0
+                for k in range(0, len(iov), IOV_BATCH):
+                    part = iov[k:k + IOV_BATCH]
+                    size = sum(len(m) for m in part)
+                    got += _preadv_full(fd, part, start + want)
+                    want += size
+                    if got != want:
+                        raise check(layer=run[-1].layer, j=run[-1].j, why="the shard is truncated")
+                stored = crcs.view("<u4")[:, 0]
+                for ck, li, x0, x1, i in direct:
+                    crc = 0
+                    for row in rows_np[li]:
+                        crc = google_crc32c.extend(crc, row[x0:x1])
+                    if crc != stored[i]:
+                        raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
+                for ck, buf in scratch:
+                    if google_crc32c.value(buf[:-4]) != int(buf[-4:].view("<u4")[0]):
+                        raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
+                    if len(buf) - 4 != H * c * rb:
+                        raise check(layer=ck.layer, j=ck.j, why=f"chunk holds {len(buf) - 4} bytes")
+                    block = buf[:-4].view(out.dtype).reshape(H, c, D)
+                    a, b = max(t0, ck.j * c), min(t1, (ck.j + 1) * c)
+                    out[ck.layer - l0, :, a - t0:b - t0] = block[:, a - ck.j * c:b - ck.j * c]
+
+        _in_workers(work, runs, _WORKERS)
+    finally:
+        os.close(fd)
+
+
+def _in_workers(work: Callable[[list[list[_Chunk]]], None], runs: list[list[_Chunk]], workers: int) -> None:
+    """``work`` over ``runs`` dealt round-robin to up to ``workers`` threads (reads release the GIL)."""
+    n = min(workers, len(runs))
+    if n <= 1:
+        work(runs)
+        return
+    with ThreadPoolExecutor(n) as pool:
+        for f in [pool.submit(work, runs[i::n]) for i in range(n)]:
+            f.result()
+
+
+def _preadv_full(fd: int, bufs: list[memoryview], offset: int) -> int:
+    """preadv until every buffer is full or the file ends; returns the bytes read."""
+    total = sum(len(m) for m in bufs)
+    got = os.preadv(fd, bufs, offset)
+    if got == total or got == 0:
+        return got
+    # A short read (rare on regular files): finish buffer by buffer.
+    done = got
+    skip = got
+    for m in bufs:
+        if skip >= len(m):
+            skip -= len(m)
+            continue
+        part = m[skip:]
+        skip = 0
+        while len(part):
+            n = os.preadv(fd, [part], offset + done)
+            if n == 0:
+                return done
+            done += n
+            part = part[n:]
+    return done
+
+
+def _pread_into(fd: int, view: np.ndarray, offset: int) -> int:
+    mv = memoryview(view)
+    got = 0
+    while got < len(mv):
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if n == 0:
+            break  # end of file: the caller reports truncation
+        got += n
+    return got
+
+
+def _read_remote(store: Store, key: str, runs: list[list[_Chunk]],
+                 place: Callable[[np.ndarray, int, list[_Chunk]], None]) -> None:
+    got = _zarr.get_ranges(store, key, [_span(r) for r in runs], REMOTE_CONCURRENCY)
+    jobs = [(np.empty(0, np.uint8) if raw is None else np.frombuffer(raw, dtype=np.uint8), _span(run)[0], run)
+            for run, raw in zip(runs, got)]
+    if len(jobs) == 1 or _WORKERS == 1:
+        for job in jobs:
+            place(*job)
+        return
+    with ThreadPoolExecutor(min(_WORKERS, len(jobs))) as pool:
+        for f in [pool.submit(place, *job) for job in jobs]:
+            f.result()
+
+
+def _corrupt(label: str, name: str, key: str, layer: int = 0, j: int = 0, c: int = 1, H: int = 1, D: int = 1,
+             T: int = 1, why: str = "") -> CorruptCardError:
+    t_end = min((j + 1) * c, T) - 1
+    where = (f"layer {layer}, kv_head 0" + (f"-{H - 1}" if H > 1 else "") + f", token {j * c}"
+             + (f"-{t_end}" if t_end > j * c else "") + ", channel 0" + (f"-{D - 1}" if D > 1 else ""))
+    return CorruptCardError(f"chunk ({where}) in object {key!r} is corrupt or truncated ({why}); "
+                            "delete the card and save it again, or restore it from a replica", card=label, part=name)
+
+
+__all__ = ["encoded_serializer", "read_payloads_into", "read_shard_region"]
