@@ -16,11 +16,12 @@ import ml_dtypes
 import numpy as np
 import torch
 import transformers
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 from cachecard.codecs.profiles import SensitivityProfile
-from cachecard.adapters.torch_read import read_layers
+from cachecard.adapters.hf_cache import Slot, dynamic_cache, room
+from cachecard.adapters.torch_read import read_kv, read_layers
 from cachecard.errors import IdentityMismatchError, KVShapeError
 from cachecard.identity import check_identity, gguf_identity, tensors_hash, tokenizer_hash
 from cachecard.kv import CanonicalKV, as_numpy
@@ -148,13 +149,16 @@ def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config: object | Non
 
 def restore(card: Card, model: PreTrainedModel, *, input_ids: torch.Tensor | Sequence[int] | None = None,
             tokens: int | None = None, identity: ModelIdentity | None = None, allow: frozenset[str] = frozenset(),
-            device: str | torch.device | None = None) -> DynamicCache:
+            device: str | torch.device | None = None, slot: Slot | None = None) -> DynamicCache | StaticCache:
     """Restore a card into a DynamicCache for ``model`` (checked against its identity, spec §6).
 
     With ``input_ids`` (the whole prompt: cached prefix + new suffix), the card's token ids must be a prefix
     of it and the cache holds ``min(card tokens, len(input_ids) - 1)`` tokens, so
     ``model.generate(input_ids=input_ids, past_key_values=cache)`` continues exactly where the cached
-    prefix ends. Quantized cards are decoded on ``device`` (default: the model's).
+    prefix ends. Quantized cards are decoded on ``device`` (default: the model's). The cache keeps room for
+    ``DEFAULT_HEADROOM`` new tokens, so the next steps do not copy it. With ``slot`` (a
+    :class:`~cachecard.adapters.hf_cache.Slot` of this model), the card is written into the slot's static
+    cache instead, which is returned (``slot.step`` runs the next step as a captured CUDA graph).
     """
     check_identity(card.manifest.model, identity or identity_of(model), what=f"card {card.label}", allow=allow)
     _check_whole(card)
@@ -167,31 +171,53 @@ def restore(card: Card, model: PreTrainedModel, *, input_ids: torch.Tensor | Seq
         raise KVShapeError(f"card {card.label} is pruned (explicit positions); generate() assumes positions "
                            f"0..n-1. Restore it without input_ids and pass position_ids from "
                            f"card.next_position() ({card.next_position()}) yourself.")
-    return _cache(read_layers(card, n, device=device, dtype=dtype), model.config)
+    return _restore_parts([(card, n)], model, device, slot)
 
 
 def restore_from_store(store: Store, model: PreTrainedModel, input_ids: torch.Tensor | Sequence[int], *,
                        agent: str | None = None, identity: ModelIdentity | None = None,
                        allow: frozenset[str] = frozenset(),
-                       device: str | torch.device | None = None) -> tuple[DynamicCache | None, int]:
+                       device: str | torch.device | None = None,
+                       slot: Slot | None = None) -> tuple[DynamicCache | StaticCache | None, int]:
     """The longest cached prefix of a prompt from ``store`` (``agent``'s cards only, if given) as a
-    DynamicCache, and its length (``(None, 0)`` when nothing matches). At least one prompt token is left
-    uncached, so ``model.generate(input_ids=input_ids, past_key_values=cache)`` works as it is."""
+    DynamicCache (or in ``slot``'s static cache), and its length (``(None, 0)`` when nothing matches). At least
+    one prompt token is left uncached, so ``model.generate(input_ids=input_ids, past_key_values=cache)`` works
+    as it is."""
     ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids).reshape(-1)
     ident = identity or identity_of(model)
     match = store.match(ids[:-1], ident, agent=agent)
     if match is None or match.tokens == 0:
         return None, 0
-    device = device or next(model.parameters()).device
-    dtype = _kv_dtype(model)
-    pieces = []
-    for card, n in store.parts(match):
+    parts = store.parts(match)
+    for card, _ in parts:
         check_identity(card.manifest.model, ident, what=f"card {card.label}", allow=allow)
-        pieces.append(read_layers(card, n, device=device, dtype=dtype))
-    layers = pieces[0] if len(pieces) == 1 else [
-        (torch.cat([p[i][0] for p in pieces], dim=2), torch.cat([p[i][1] for p in pieces], dim=2))
-        for i in range(len(pieces[0]))]
-    return _cache(layers, model.config), match.tokens
+    return _restore_parts(parts, model, device, slot), match.tokens
+
+
+def _restore_parts(parts: list[tuple[Card, int]], model: PreTrainedModel, device: str | torch.device | None,
+                   slot: Slot | None) -> DynamicCache | StaticCache:
+    """Cards (a parent chain, parents first, with how many of their tokens count) read one after the other
+    into one cache's buffers."""
+    total = sum(n for _, n in parts)
+    if slot is not None:
+        if slot.model is not model:
+            raise ValueError("the slot belongs to another model")
+        keys, values = slot.buffers()
+        if total > keys.shape[2]:
+            raise ValueError(f"the slot holds {keys.shape[2]} tokens; the restore needs {total}")
+    else:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        k_room, v_room = room(model, total, device=device, dtype=_kv_dtype(model))
+        keys, values = k_room[:, 0], v_room[:, 0]
+    start = 0
+    for card, n in parts:
+        read_kv(card, n, device=keys.device, dtype=keys.dtype,
+                into=(keys[:, :, start:], values[:, :, start:]))
+        start += n
+    if slot is not None:
+        slot.set_length(total)
+        return slot.cache
+    return dynamic_cache(k_room, v_room, total, model.config)
 
 
 def _check_whole(card: Card) -> None:

@@ -1,106 +1,134 @@
-"""Read a card straight into per-layer torch tensors on a device (the restore path of torch runtimes).
+"""Read a card straight into torch tensors on a device: the restore path of torch runtimes (spec §10).
 
-- Lossless cards go, on the CPU, through the reader's fast path into one host array that torch shares
-  without a copy; to a GPU, they are read into pinned memory and copied once.
-- For a GPU, cards of a block codec whose payloads concatenate (``q8_0``, ``q4_0``, ``q4_1``: no header,
-  blocks along head_dim) are read undecoded, CRC-checked by parallel workers into one staging buffer, copied
-  to the device once and decoded there by the codec's ``decode_torch`` in a single call per K and V. A
-  quantized card thus moves a quarter to a half of the bytes of fp16 and decodes at device speed.
-- Anything else decodes on the host (numpy) and is copied.
+- To a GPU, a local card streams (:mod:`cachecard.card.stream`): each array's chunks are read by parallel
+  workers in a few large pieces into pinned memory, every piece is copied to the device as soon as it lands
+  (the copies overlap the reads), one fused kernel (:mod:`cachecard.adapters.device_decode`) decodes, casts and
+  lays out every chunk into the destination, and the chunks' checksums are verified on the host while the
+  device copies and decodes. Nothing is returned before every checksum has passed.
+- On a CPU, the reader's fast path decodes straight into the destination (no copy for lossless cards).
+- Anything else (remote or zip cards, compressed chunks, codecs without a device decoder) decodes on the host.
+
+``into=(keys, values)`` fills preallocated ``[layers, heads, >= tokens, head_dim]`` tensors (a static
+cache's buffers); otherwise the tensors are allocated here.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import ml_dtypes
 import numpy as np
 import torch
-from zarr.codecs import BytesCodec
 
-from cachecard.errors import CacheCardError, CorruptCardError, UnsupportedCodecError
-from cachecard.card.reader import Card
+from cachecard.adapters import device_decode
+from cachecard.card import stream
+from cachecard.card.reader import Card, ShardLayout
+from cachecard.errors import UnsupportedCodecError
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# Codecs whose chunk payloads are pure blocks of head_dim elements: N payloads back to back decode as one.
-CONCATENABLE = {"cachecard.q8_0", "cachecard.q4_0", "cachecard.q4_1"}
-
 
 def read_layers(card: Card, tokens: int, *, device: str | torch.device, dtype: torch.dtype,
                 via_torch: bool | None = None) -> Layers:
-    """K and V of the first ``tokens`` tokens, one ``(1, heads, tokens, head_dim)`` pair per layer.
+    """K and V of the first ``tokens`` tokens, one ``(1, heads, tokens, head_dim)`` pair per layer (views of
+    two ``[layers, heads, tokens, head_dim]`` tensors).
 
-    ``via_torch`` picks the undecoded read + torch decode path; by default it is taken for CUDA only (on a
-    CPU, the reader's parallel numpy decode into the final array is faster than torch's extra passes)."""
-    device = torch.device(device)
-    if not 0 <= tokens <= card.manifest.tokens.count:
-        raise IndexError(f"card {card.label} holds {card.manifest.tokens.count} tokens; cannot read {tokens}")
-    serializers = _serializers(card)
-    blocks = bool(serializers) and all(getattr(c, "codec_id", None) in CONCATENABLE for c in serializers)
-    # Plain (lossless) bytes go the same way to a GPU: read into pinned memory, one copy, no extra host pass.
-    plain = bool(serializers) and all(isinstance(c, BytesCodec) for c in serializers)
-    if via_torch is None:
-        via_torch = device.type == "cuda"
-    if tokens and via_torch and (blocks or plain):
-        with ThreadPoolExecutor(1) as pool:  # read V while K is copied and decoded
-            v_future = pool.submit(_decode_on_device, card, "v", tokens, device, dtype)
-            k = _decode_on_device(card, "k", tokens, device, dtype)
-            v = v_future.result()
-    else:
-        kv = card.read(tokens=tokens)
-        k, v = (_to_device(_host(a), device, dtype) for a in (kv.k, kv.v))
+    ``via_torch`` forces (True) or forbids (False) the streamed, device-decoded path; by default it is taken
+    for CUDA devices and local cards whose codec has a device decoder."""
+    k, v = read_kv(card, tokens, device=device, dtype=dtype, via_torch=via_torch)
     return [(k[i:i + 1], v[i:i + 1]) for i in range(k.shape[0])]
 
 
-def _serializers(card: Card) -> list[object]:
-    """The K and V serializers when both arrays can be read undecoded, else ``[]``."""
+def read_kv(card: Card, tokens: int, *, device: str | torch.device, dtype: torch.dtype,
+            via_torch: bool | None = None, into: tuple[torch.Tensor, torch.Tensor] | None = None,
+            direct: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first ``tokens`` tokens as ``[layers, heads, tokens, head_dim]`` tensors (or written into
+    ``into``, returned as views of it). ``direct`` reads cold cards with O_DIRECT on the streamed path."""
+    device = torch.device(device)
+    m = card.manifest.model
+    if not 0 <= tokens <= card.manifest.tokens.count:
+        raise IndexError(f"card {card.label} holds {card.manifest.tokens.count} tokens; cannot read {tokens}")
+    layouts = _streamable(card) if tokens and via_torch is not False else None
+    streamed = layouts is not None and (bool(via_torch) or device.type == "cuda")
+    if into is None and not streamed:  # host decode: the reader's arrays are the tensors (no copy on a CPU)
+        kv = card.read(tokens=tokens)
+        return tuple(_host(a).to(device=device, dtype=dtype, non_blocking=True) for a in (kv.k, kv.v))
+    if into is not None:
+        k_out, v_out = into
+        want = (m.num_layers, m.num_kv_heads, m.head_dim)
+        for t in into:
+            if (t.shape[0], t.shape[1], t.shape[3]) != want or t.shape[2] < tokens:
+                raise ValueError(f"into tensors must be [layers, heads, >= {tokens}, head_dim] = {want}; got "
+                                 f"{tuple(t.shape)}")
+        device, dtype = k_out.device, k_out.dtype
+    else:
+        shape = (m.num_layers, m.num_kv_heads, tokens, m.head_dim)
+        k_out = torch.empty(shape, dtype=dtype, device=device)
+        v_out = torch.empty(shape, dtype=dtype, device=device)
+    if streamed:
+        _stream(card, layouts, tokens, (k_out, v_out), direct)
+    elif tokens and k_out.device.type == "cpu" and k_out.dtype == _TORCH_DTYPES[m.kv_dtype]:
+        card.read(tokens=tokens, out=(_numpy(k_out[:, :, :tokens]), _numpy(v_out[:, :, :tokens])))  # in place
+    elif tokens:
+        kv = card.read(tokens=tokens)
+        for arr, out in ((kv.k, k_out), (kv.v, v_out)):
+            out[:, :, :tokens].copy_(_host(arr), non_blocking=True)
+    return k_out[:, :, :tokens], v_out[:, :, :tokens]
+
+
+def _streamable(card: Card) -> tuple[ShardLayout, ShardLayout] | None:
+    """K and V layouts when both can be streamed and decoded on a device, else None."""
     try:
-        return [card.read_encoded(which, layers=range(0)).codec for which in ("k", "v")]
+        layouts = (card.shard_layout("k"), card.shard_layout("v"))
     except UnsupportedCodecError:  # compressed chunks or a format 1.0 card
-        return []
+        return None
+    ok = all(stream.local_path(lay) is not None and device_decode.kind_of(lay.serializer, lay.storage)
+             for lay in layouts)
+    return layouts if ok else None
 
 
-def _decode_on_device(card: Card, which: str, tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    staging: list[torch.Tensor] = []
+def _stream(card: Card, layouts: tuple[ShardLayout, ShardLayout], tokens: int,
+            outs: tuple[torch.Tensor, torch.Tensor], direct: bool) -> None:
+    layers = range(card.manifest.model.num_layers)
+    cuda = outs[0].device.type == "cuda"
+    copy_stream = torch.cuda.Stream(outs[0].device) if cuda else None
+    staged = []
+    for lay in layouts:  # plan and check both arrays before reading anything
+        table = stream.chunk_table(lay, layers, tokens)
+        kind = device_decode.kind_of(lay.serializer, lay.storage)
+        device_decode.check_payloads(table, int(np.prod(lay.chunk_shape)), kind, lay.label, lay.which)
+        staged.append((lay, table))
+    raws = []
+    for lay, table in staged:
+        host = torch.empty(table.length, dtype=torch.uint8, pin_memory=cuda)
+        if not cuda:
+            stream.read_span(lay, table, host.numpy(), direct=direct)
+            raws.append((host, host))
+            continue
+        dev = torch.empty(table.length, dtype=torch.uint8, device=outs[0].device)
 
-    def alloc(n: int) -> np.ndarray:
-        # Pinned for a GPU: PyTorch's host allocator caches freed pinned blocks and keeps one alive until the
-        # copy out of it is done, so repeated restores neither pay the pinning nor race on a shared buffer.
-        staging.append(torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda"))
-        return staging[-1].numpy()
+        def copy(a: int, b: int, dev: torch.Tensor = dev, host: torch.Tensor = host) -> None:
+            with torch.cuda.stream(copy_stream):  # the copy of this piece overlaps the reads of the next
+                dev[a:b].copy_(host[a:b], non_blocking=True)
 
-    enc = card.read_encoded(which, tokens=tokens, alloc=alloc)
-    _, heads, c, dim = enc.chunk_shape
-    layers = card.manifest.model.num_layers
-    per_layer = len(enc.chunks) // layers
-    storage = _TORCH_DTYPES[card.manifest.model.kv_dtype]
-    sizes = {ch.payload.nbytes for ch in enc.chunks}
-    plain = isinstance(enc.codec, BytesCodec)
-    want = heads * c * dim * storage.itemsize if plain else None
-    if len(sizes) != 1 or (want is not None and sizes != {want}) or per_layer * layers != len(enc.chunks):
-        raise CorruptCardError(f"the {which!r} chunks hold {sorted(sizes)} bytes each (expected one size"
-                               + (f", {want}" if want else "") + "); the card is damaged: delete it and save again",
-                               card=card.label, part=which)
-    data = staging[0].to(device, non_blocking=True)
-    shape = (layers * per_layer, heads, c, dim)
-    try:
-        x = data.view(storage).view(shape) if plain else enc.codec.decode_torch(data, shape).to(storage)
-    except (ValueError, RuntimeError, CacheCardError) as e:  # a payload size the codec does not accept
-        raise CorruptCardError(f"the {which!r} chunks do not decode ({e}); the card is damaged: delete it and "
-                               "save it again", card=card.label, part=which) from e
-    x = x.view(layers, per_layer, heads, c, dim).transpose(1, 2).reshape(layers, heads, per_layer * c, dim)
-    return x[:, :, :tokens].to(dtype).contiguous()  # contiguous: do not keep the padded rows alive
+        stream.read_span(lay, table, host.numpy(), on_piece=copy, direct=direct)
+        raws.append((host, dev))
+    if cuda:
+        torch.cuda.current_stream(outs[0].device).wait_stream(copy_stream)
+    for (lay, table), (_, raw), out in zip(staged, raws, outs):
+        device_decode.decode_chunks(raw, table, lay.serializer, lay.storage, out, lay.chunk_shape, tokens)
+    for (lay, table), (host, _) in zip(staged, raws):  # on the host, while the device copies and decodes
+        stream.verify_chunks(lay, table, host.numpy())
 
 
-def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device=device, dtype=dtype, non_blocking=True)
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (bfloat16 through its bits)."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _host(a: np.ndarray) -> torch.Tensor:
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
+
+
+__all__ = ["Layers", "read_kv", "read_layers"]

@@ -78,6 +78,27 @@ class EncodedKV:
     buffer: np.ndarray | None = None    # every payload, back to back, in order (None when nothing was read)
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """K or V of a format 1.1+ card as stored: one shard object whose inner chunks are ``payload + crc32c``.
+
+    ``index`` holds ``(offset, nbytes)`` per inner chunk in grid order (layer-major, then token chunk), already
+    checked against the shard index's own crc32c; ``expected_crcs`` (layers, token chunks), where the card's
+    manifest binds every chunk's crc32c (format 1.3), else ``None``."""
+
+    which: str
+    label: str
+    store: Store
+    key: str
+    size: int
+    index: np.ndarray
+    chunk_shape: tuple[int, ...]    # (1, kv_heads, chunk_tokens, head_dim)
+    shape: tuple[int, ...]          # (layers, kv_heads, tokens, head_dim)
+    serializer: Any
+    storage: np.dtype
+    expected_crcs: np.ndarray | None = None
+
+
 class Card:
     """An opened, validated card. Create with :func:`open_card`."""
 
@@ -126,15 +147,28 @@ class Card:
             return int(self._positions[-1]) + 1
         return m.start_position + m.tokens.count
 
-    def read(self, layers: range | slice | int | None = None, tokens: slice | int | None = None) -> CanonicalKV:
+    def read(self, layers: range | slice | int | None = None, tokens: slice | int | None = None, *,
+             out: tuple[np.ndarray, np.ndarray] | None = None) -> CanonicalKV:
         """Decode K and V for a contiguous layer range and token range (``tokens=n`` means the first n).
 
-        Only the chunks that intersect the request are read.
+        Only the chunks that intersect the request are read. ``out``: K and V arrays of shape (layers, heads,
+        tokens, head_dim) whose element size is the card's KV dtype's (views into a runtime's preallocated
+        cache, say; each (layer, head) row contiguous) to decode into, instead of new arrays.
         """
         lr = _as_range(layers, self.manifest.model.num_layers, "layers")
         tr = _as_range(slice(0, tokens) if isinstance(tokens, int) else tokens, self.manifest.tokens.count, "tokens")
-        k = self._read_kv("k", lr, tr)
-        v = self._read_kv("v", lr, tr)
+        outs = (None, None)
+        if out is not None:
+            m = self.manifest.model
+            want = (len(lr), m.num_kv_heads, len(tr), m.head_dim)
+            storage = self._kv_dtype()
+            rows = (m.head_dim * storage.itemsize, storage.itemsize)
+            if any(a.shape != want or a.dtype.itemsize != storage.itemsize or a.strides[-2:] != rows for a in out):
+                raise ValueError(f"out arrays must have shape {want}, {storage.itemsize}-byte elements and "
+                                 f"contiguous rows; got {[(a.shape, a.dtype, a.strides) for a in out]}")
+            outs = tuple(a.view(storage) for a in out)
+        k = self._read_kv("k", lr, tr, outs[0])
+        v = self._read_kv("v", lr, tr, outs[1])
         dt = NUMPY_DTYPES[self.manifest.model.kv_dtype]
         return CanonicalKV(k.view(dt), v.view(dt))
 
@@ -184,6 +218,33 @@ class Card:
         chunks = [EncodedChunk(layer, j * c, min(c, count - j * c), buffer[0][at:at + nb])
                   for layer, j, at, nb in places]
         return EncodedKV(serializer, chunk_shape, chunks, buffer[0])  # type: ignore[arg-type]
+
+    def shard_layout(self, which: str) -> ShardLayout:
+        """Where K (``which="k"``) or V lies on storage, for readers that stream it their own way
+        (``cachecard.card.stream``): the shard object, its checked index and how its chunks decode.
+
+        Raises :class:`UnsupportedCodecError` for layouts ``read_encoded`` refuses too (use ``read``)."""
+        if which not in ("k", "v"):
+            raise ValueError(f"which must be 'k' or 'v'; got {which!r}")
+        arr = None if self._minor == 0 else self._stacked(which)
+        serializer = None if arr is None else shard_read.encoded_serializer(arr)
+        if serializer is None:
+            raise UnsupportedCodecError(
+                f"this card's {which!r} array (format {self.format}, preset {getattr(self.manifest.codecs, which)!r})"
+                " is not stored as serializer + crc32c chunks: use read()", card=self.label, part=which)
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((0, 0, 0, 0))}"
+        (size,) = _sizes(self._store, [key])
+        if size is None:
+            raise CorruptCardError(f"object {key!r} is missing; the card is damaged: delete it and save again",
+                                   card=self.label, part=which)
+        if key not in self._indexed_shards:
+            self._indexed_shards[key] = _check_shard_index(self._store, arr, key, self.label, which)
+        expected = getattr(self, "expected_crcs", None)
+        return ShardLayout(
+            which=which, label=self.label, store=self._store, key=key, size=size,
+            index=self._indexed_shards[key], chunk_shape=tuple(arr.chunks), shape=tuple(arr.shape),
+            serializer=serializer, storage=self._kv_dtype(),
+            expected_crcs=expected(which) if expected is not None else None)
 
     def objects(self) -> dict[str, int]:
         """Every stored object of the card and its size in bytes."""
@@ -241,23 +302,28 @@ class Card:
         shape = (m.num_kv_heads, self.manifest.tokens.count, m.head_dim)
         return self._array(layout.legacy_layer_path(which, layer), shape, self._kv_dtype())
 
-    def _read_kv(self, which: str, lr: range, tr: range) -> np.ndarray:
+    def _read_kv(self, which: str, lr: range, tr: range, out: np.ndarray | None = None) -> np.ndarray:
         tok = slice(tr.start, tr.stop)
         if self._minor == 0:  # format 1.0: one array per layer
             m = self.manifest.model
             parts = [self._read_region(which, self._legacy_layer(which, i), (slice(None), tok, slice(None)))
                      for i in lr]
             empty = np.empty((0, m.num_kv_heads, len(tr), m.head_dim), self._kv_dtype())
-            return np.stack(parts) if parts else empty
+            got = np.stack(parts) if parts else empty
+            if out is None:
+                return got
+            out[...] = got
+            return out
         arr = self._stacked(which)
-        return self._read_region(which, arr, (slice(lr.start, lr.stop), slice(None), tok, slice(None)))
+        return self._read_region(which, arr, (slice(lr.start, lr.stop), slice(None), tok, slice(None)), out)
 
     def _read_ids(self, name: str) -> np.ndarray:
         arr = self._array(name, (self.manifest.tokens.count,), np.dtype("<i4"))
         return self._read_region(name, arr, (slice(None),))
 
     # -- the one place chunk data is read ---------------------------------------------------------------
-    def _read_region(self, name: str, arr: zarr.Array, region: tuple[slice, ...]) -> np.ndarray:
+    def _read_region(self, name: str, arr: zarr.Array, region: tuple[slice, ...],
+                     out: np.ndarray | None = None) -> np.ndarray:
         bounds = [s.indices(n)[:2] for s, n in zip(region, arr.shape)]
         grid = arr.shards or arr.chunks
         n_objects = math.prod(max(0, (b - 1) // g - a // g + 1) for (a, b), g in zip(bounds, grid))
@@ -282,10 +348,13 @@ class Card:
                                 card=self.label)
         if self.fast and arr.shards is not None and len(keys) == 1 and sizes[0] is not None:
             fast = shard_read.read_shard_region(self._store, arr, keys[0], sizes[0], self._indexed_shards[keys[0]],
-                                              bounds, self.label, name)
+                                                bounds, self.label, name, out=out)
             if fast is not None:
                 return fast
         try:
+            if out is not None:
+                out[...] = arr[region]
+                return out
             return np.asarray(arr[region])
         except Exception as e:  # noqa: BLE001 - decode failures are located below and reported precisely
             raise self._locate_corruption(name, arr, bounds) from e

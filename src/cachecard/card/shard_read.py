@@ -65,7 +65,8 @@ class _Chunk:
 
 
 def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
-                      bounds: list[tuple[int, int]], label: str, name: str) -> np.ndarray | None:
+                      bounds: list[tuple[int, int]], label: str, name: str,
+                      out: np.ndarray | None = None) -> np.ndarray | None:
     """Decode ``bounds`` (per-axis ``(start, stop)`` of (layer, kv_head, token, channel)) of the card array
     ``arr`` from its single shard ``key``; ``None`` if this layout is not one the fast path knows."""
     meta = arr.metadata
@@ -92,7 +93,8 @@ def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, 
         return None
 
     (l0, l1), (h0, h1), (t0, t1), (d0, d1) = bounds
-    out = np.empty((max(0, l1 - l0), max(0, h1 - h0), max(0, t1 - t0), max(0, d1 - d0)), dtype=storage)
+    if out is None:
+        out = np.empty((max(0, l1 - l0), max(0, h1 - h0), max(0, t1 - t0), max(0, d1 - d0)), dtype=storage)
     if out.size == 0:
         return out
     data_end = shard_size - (16 * len(index) + 4)
@@ -362,8 +364,8 @@ def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0
     the token range (or holding padding) go through a scratch buffer."""
     nl, H, nt, D = out.shape
     rb = D * out.dtype.itemsize  # bytes per token row of one head
-    flat = out.reshape(nl, H, nt * D).view(np.uint8)  # (layer, head, bytes): C-contiguous rows
-    rows_np = [[flat[li, h] for h in range(H)] for li in range(nl)]
+    # (layer, head) rows of bytes: contiguous even when ``out`` is a token-range view of a larger buffer
+    rows_np = [[out[li, h].reshape(-1).view(np.uint8) for h in range(H)] for li in range(nl)]
     rows_mv = [[memoryview(x) for x in r] for r in rows_np]
     fd = os.open(path, os.O_RDONLY)
     try:
