@@ -1,8 +1,9 @@
 """The randomized Hadamard transform shared by the rotation codecs (spec/codecs/turbo.md §Rotation).
 
 ``R x = H (s ⊙ x) / sqrt(D)``: seeded ±1 signs ``s``, then the Walsh-Hadamard transform. The ±1 sums are
-taken in float64 (a BLAS matrix product: far faster in numpy than a butterfly) and rounded once to float32,
-so implementations agree to the bit whenever the float64 sums are exact, as they are for KV values.
+taken in float64 (a BLAS matrix product: far faster in numpy than a butterfly), multiplied by the float64
+c_D = 1 / sqrt(D) and rounded to float32, so implementations agree to the bit whenever the float64 sums are
+exact, as they are for KV values (always when decoding: turbo.md "Exactness").
 Signs come from SHAKE-128 so any language can reproduce them without our PRNG.
 
 Sign of zero (turbo.md "Rotation"): an exactly zero sum is +0 whatever the signs of its zero terms. BLAS
