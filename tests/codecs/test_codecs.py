@@ -89,12 +89,14 @@ def test_roundtrip_within_stated_bound_and_deterministic(cid, cfg):
     check()
 
 
+@pytest.mark.parametrize("tokens", [37, 3], ids=["37-tokens", "3-tokens"])  # 3: mixed's rate map is 1 byte
 @pytest.mark.parametrize(("cid", "cfg"), ALL, ids=IDS)
-def test_torch_decoder_matches_numpy(cid, cfg):
+def test_torch_decoder_matches_numpy(cid, cfg, tokens):
     codec = make(cid, cfg)
     d = head_dims(codec)[-1]
-    x = stored(kv_like((1, 2, 37, d), seed=3), "float16")
-    data = codec.encode_chunk(x, ChunkContext(positions=np.arange(37), valid_tokens=37, card_tokens=37))
+    x = stored(kv_like((1, 2, tokens, d), seed=3), "float16")
+    data = codec.encode_chunk(x, ChunkContext(positions=np.arange(tokens), valid_tokens=tokens,
+                                              card_tokens=tokens))
     want = codec.decode_array(np.frombuffer(data, np.uint8), x.shape)
     got = codec.decode_torch(torch.frombuffer(bytearray(data), dtype=torch.uint8), x.shape)
     assert got.dtype == torch.float32

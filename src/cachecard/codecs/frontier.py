@@ -35,7 +35,7 @@ HEADER = struct.Struct("<BBHff")          # version, flags, reserved, step, ref_
 SYMBOLS = struct.Struct("<hHI")           # qmin, nsym, nwords (after the counts)
 SCALE_STEPS = 16                          # log-scale codes per octave
 FRAC = np.asarray([2 ** (j / SCALE_STEPS) for j in range(SCALE_STEPS)], dtype=np.float32)  # spec table
-MAX_SYMBOLS = 1 << 16
+MAX_SYMBOLS = (1 << 16) - 1               # nsym is a uint16; codes with |q| <= 32767 need at most 65535
 
 
 class FrontierConfig(CodecConfig):

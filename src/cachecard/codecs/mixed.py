@@ -128,7 +128,7 @@ class MixedCodec(KVCodec):
             if not n:
                 continue
             if c == PROTECTED:
-                s = chunk[: 2 * n].contiguous().view(torch.float16).float()
+                s = chunk[: 2 * n].clone().view(torch.float16).float()  # the rate map may end at an odd offset
                 q = chunk[2 * n:].contiguous().view(torch.int8).reshape(n, d).float()
                 rows = hadamard.inverse_torch(q * s[:, None], self.config.seed)
             else:

@@ -74,7 +74,7 @@ class TurboCodec(KVCodec):
         n, d, row_bytes = self._sizes(shape)
         if data.numel() != n * (2 + row_bytes):
             raise self.payload_error(f"payload has {data.numel()} bytes, expected {n * (2 + row_bytes)}")
-        scale = data[: 2 * n].contiguous().view(torch.float16).float()
+        scale = data[: 2 * n].clone().view(torch.float16).float()  # clone: a slice may sit at an odd offset
         codes = bitpack.unpack_torch(data[2 * n:].reshape(n, row_bytes), self.config.bits, d)
         table = torch.from_numpy(lloyd_max.centroids(self.config.bits).copy()).to(data.device)
         y = table[codes] * scale[:, None]
