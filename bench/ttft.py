@@ -98,7 +98,7 @@ def raw_read(store: Store, agent: str, tokens: int, pinned: bool) -> tuple[float
         for which in ("k", "v"):
             lay = card.shard_layout(which)
             table = stream.chunk_table(lay, range(card.manifest.model.num_layers), n)
-            jobs.append((stream.local_path(lay), stream.pieces(table), table))
+            jobs.append((stream.local_path(lay), [(q.start, q.end) for q in stream.pieces(table)], table))
     total = sum(t.length for _, _, t in jobs)
     buf = torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
     view = buf.numpy()
@@ -264,13 +264,13 @@ def gpu(repeats: int, contexts=GPU_CONTEXTS, codecs=GPU_CODECS) -> list[dict]:
 
 
 def breakdown(model, store: Store, agent: str, n: int, repeats: int) -> dict:
-    """Where a warm static restore of one card goes (ms, medians): plan, read + copies, decode, verify."""
+    """Where a warm static restore of one card goes (ms, medians): plan, reads + checksums + copies, decode."""
     from cachecard.adapters import device_decode
 
     (card, _), = store.parts(store.cards(agent=agent)[0].card_id, tokens=n)
     slot = Slot(model, n + 64, compile=False)
     keys, values = slot.buffers()
-    phases: dict[str, list[float]] = {"plan": [], "read_and_copy": [], "decode": [], "verify": []}
+    phases: dict[str, list[float]] = {"plan": [], "read_verify_copy": [], "decode": []}
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         staged = []
@@ -278,23 +278,21 @@ def breakdown(model, store: Store, agent: str, n: int, repeats: int) -> dict:
             lay = card.shard_layout(which)
             staged.append((lay, stream.chunk_table(lay, range(card.manifest.model.num_layers), n), out))
         t1 = time.perf_counter()
-        raws = []
+        jobs, raws = [], []
         for lay, table, _ in staged:
             host = torch.empty(table.length, dtype=torch.uint8, pin_memory=True)
             dev = torch.empty(table.length, dtype=torch.uint8, device="cuda")
-            stream.read_span(lay, table, host.numpy(),
-                             on_piece=lambda a, b, d=dev, h=host: d[a:b].copy_(h[a:b], non_blocking=True))
-            raws.append((host, dev))
+            jobs.append(stream.Job(lay, table, host.numpy(),
+                                   lambda a, b, d=dev, h=host: d[a:b].copy_(h[a:b], non_blocking=True)))
+            raws.append(dev)
+        stream.read_spans(jobs)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        for (lay, table, out), (_, dev) in zip(staged, raws):
+        for (lay, table, out), dev in zip(staged, raws):
             device_decode.decode_chunks(dev, table, lay.serializer, lay.storage, out, lay.chunk_shape, n)
         torch.cuda.synchronize()
         t3 = time.perf_counter()
-        for (lay, table, _), (host, _) in zip(staged, raws):
-            stream.verify_chunks(lay, table, host.numpy())
-        t4 = time.perf_counter()
-        for k, a, b in (("plan", t0, t1), ("read_and_copy", t1, t2), ("decode", t2, t3), ("verify", t3, t4)):
+        for k, a, b in (("plan", t0, t1), ("read_verify_copy", t1, t2), ("decode", t2, t3)):
             phases[k].append((b - a) * 1e3)
     return {k: statistics.median(v[1:]) for k, v in phases.items()}
 

@@ -55,24 +55,58 @@ def test_on_piece_sees_every_byte_once(tmp_path):
         assert covered[a:a + n].all()
 
 
-@settings(max_examples=50)
-@given(st.lists(st.tuples(st.integers(0, 1 << 22), st.integers(4, 1 << 20)), min_size=1, max_size=40),
-       st.integers(4096, 1 << 21))
-def test_pieces_cover_every_chunk_aligned(chunks, piece):
-    off = np.array([a for a, _ in chunks], np.int64)
-    nb = np.array([n for _, n in chunks], np.int64)
+@settings(max_examples=60)
+@given(st.lists(st.integers(4, 1 << 20), min_size=1, max_size=40), st.lists(st.integers(0, 1 << 21), min_size=40,
+       max_size=40), st.integers(4096, 1 << 21), st.booleans())
+def test_pieces_cover_every_chunk(sizes, gaps, piece, aligned):
+    off, pos = [], 5000
+    for n, g in zip(sizes, gaps):  # chunks back to back with gaps, as a token prefix of a shard leaves
+        off.append(pos)
+        pos += n + g
+    off, nb = np.array(off, np.int64), np.array(sizes, np.int64)
     table = stream.ChunkTable(np.zeros(len(off), np.int64), np.zeros(len(off), np.int64), off, nb, None,
                               int(off.min()) // 4096 * 4096, 0)
-    ps = stream.pieces(table, piece)
-    for a, b in ps:
-        assert a % stream.ALIGN == 0 and b % stream.ALIGN == 0 and a < b
-    for s, n in zip(off, nb):
-        # every byte of every chunk lies in some piece
+    ps = stream.pieces(table, piece, aligned=aligned)
+    owned = np.concatenate([q.chunks for q in ps])
+    assert len(owned) == len(set(owned.tolist()))  # no chunk checked twice
+    if not aligned:
+        assert sorted(owned.tolist()) == list(range(len(off)))  # every chunk checked by the worker that read it
+    for q in ps:
+        assert q.start < q.end and (not aligned or (q.start % stream.ALIGN == 0 and q.end % stream.ALIGN == 0))
+        for i in q.chunks:
+            assert q.start <= off[i] and off[i] + nb[i] <= q.end
+    for s, n in zip(off, nb):  # every byte of every chunk is read by some piece
         pos = s
         while pos < s + n:
-            hit = [(a, b) for a, b in ps if a <= pos < b]
+            hit = [q for q in ps if q.start <= pos < q.end]
             assert hit, (pos, ps)
-            pos = hit[0][1]
+            pos = hit[0].end
+
+
+def test_read_spans_reads_k_and_v_together_and_verifies(tmp_path):
+    card = _card(tmp_path, "q4_0", tokens=300)
+    jobs = []
+    for which in ("k", "v"):
+        lay = card.shard_layout(which)
+        table = stream.chunk_table(lay, range(3), 300)
+        jobs.append(stream.Job(lay, table, np.zeros(table.length, np.uint8)))
+    stream.read_spans(jobs, piece_bytes=4096)
+    for job in jobs:
+        stream.verify_chunks(job.layout, job.table, job.dest)
+    path = stream.local_path(jobs[1].layout)
+    data = bytearray(path.read_bytes())
+    data[int(jobs[1].table.offsets[7]) + 1] ^= 1
+    path.write_bytes(bytes(data))
+    for direct in (False, True):
+        with pytest.raises(cachecard.CorruptCardError, match="crc32c mismatch"):
+            stream.read_spans([stream.Job(j.layout, j.table, _aligned(j.table.length)) for j in jobs],
+                              piece_bytes=4096, direct=direct)
+
+
+def _aligned(n):
+    import mmap
+
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8)
 
 
 @pytest.mark.parametrize("where", ["payload", "trailer"])
@@ -132,5 +166,6 @@ def test_direct_io_reads_the_same_bytes_or_falls_back(tmp_path):
     import mmap
 
     aligned = np.frombuffer(mmap.mmap(-1, table.length), np.uint8)  # page-aligned, as O_DIRECT needs
-    stream.read_span(lay, table, aligned, direct=True)
-    assert np.array_equal(aligned, plain)
+    stream.read_span(lay, table, aligned, direct=True, verify=True)
+    for a, n in zip(table.payload_offsets(), table.nbytes):  # direct reads whole pages around the chunks
+        assert np.array_equal(aligned[a:a + n], plain[a:a + n])

@@ -2,9 +2,9 @@
 
 - To a GPU, a local card streams (:mod:`cachecard.card.stream`): each array's chunks are read by parallel
   workers in a few large pieces into pinned memory, every piece is copied to the device as soon as it lands
-  (the copies overlap the reads), one fused kernel (:mod:`cachecard.adapters.device_decode`) decodes, casts and
-  lays out every chunk into the destination, and the chunks' checksums are verified on the host while the
-  device copies and decodes. Nothing is returned before every checksum has passed.
+  (the copies overlap the reads), the worker that read a piece verifies its chunks' checksums meanwhile, and
+  one fused kernel (:mod:`cachecard.adapters.device_decode`) decodes, casts and lays out every chunk into the
+  destination. Nothing is decoded into the destination before every checksum has passed.
 - On a CPU, the reader's fast path decodes straight into the destination (no copy for lossless cards).
 - Anything else (remote or zip cards, compressed chunks, codecs without a device decoder) decodes on the host.
 
@@ -97,27 +97,23 @@ def _stream(card: Card, layouts: tuple[ShardLayout, ShardLayout], tokens: int,
         kind = device_decode.kind_of(lay.serializer, lay.storage)
         device_decode.check_payloads(table, int(np.prod(lay.chunk_shape)), kind, lay.label, lay.which)
         staged.append((lay, table))
-    raws = []
+    jobs, raws = [], []
     for lay, table in staged:
         host = torch.empty(table.length, dtype=torch.uint8, pin_memory=cuda)
-        if not cuda:
-            stream.read_span(lay, table, host.numpy(), direct=direct)
-            raws.append((host, host))
-            continue
-        dev = torch.empty(table.length, dtype=torch.uint8, device=outs[0].device)
+        dev = torch.empty(table.length, dtype=torch.uint8, device=outs[0].device) if cuda else host
 
         def copy(a: int, b: int, dev: torch.Tensor = dev, host: torch.Tensor = host) -> None:
             with torch.cuda.stream(copy_stream):  # the copy of this piece overlaps the reads of the next
                 dev[a:b].copy_(host[a:b], non_blocking=True)
 
-        stream.read_span(lay, table, host.numpy(), on_piece=copy, direct=direct)
-        raws.append((host, dev))
+        jobs.append(stream.Job(lay, table, host.numpy(), copy if cuda else None))
+        raws.append(dev)
+    # K and V read by one pool; every chunk's checksum verified by the worker that read it, before we go on
+    stream.read_spans(jobs, direct=direct, verify=True)
     if cuda:
         torch.cuda.current_stream(outs[0].device).wait_stream(copy_stream)
-    for (lay, table), (_, raw), out in zip(staged, raws, outs):
+    for (lay, table), raw, out in zip(staged, raws, outs):
         device_decode.decode_chunks(raw, table, lay.serializer, lay.storage, out, lay.chunk_shape, tokens)
-    for (lay, table), (host, _) in zip(staged, raws):  # on the host, while the device copies and decodes
-        stream.verify_chunks(lay, table, host.numpy())
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -31,8 +31,12 @@ from zarr.storage import LocalStore
 from cachecard.card.reader import ShardLayout
 from cachecard.errors import CorruptCardError
 
-try:  # releases the GIL, so workers check CRCs in parallel; same values as google_crc32c
-    from crc32c import crc32c as _crc32c
+try:  # releases the GIL (always, mode 1), so workers check CRCs in parallel; same values as google_crc32c
+    from functools import partial
+
+    from crc32c import crc32c as _crc32c_gil
+
+    _crc32c = partial(_crc32c_gil, gil_release_mode=1)
 except ImportError:  # pragma: no cover
     from google_crc32c import value as _crc32c
 
@@ -115,72 +119,121 @@ def local_path(layout: ShardLayout) -> Path | None:
     return None
 
 
-def pieces(table: ChunkTable, piece_bytes: int = PIECE_BYTES) -> list[tuple[int, int]]:
-    """File ranges ``[a, b)`` to read, ALIGN-aligned, about ``piece_bytes`` each, skipping gaps over MAX_GAP."""
+@dataclass(frozen=True)
+class Piece:
+    """One worker's read: file range ``[start, end)`` and the chunks (indices into the table) that lie wholly
+    inside it, checked as soon as it is read."""
+
+    start: int
+    end: int
+    chunks: np.ndarray
+
+
+def pieces(table: ChunkTable, piece_bytes: int = PIECE_BYTES, *, aligned: bool = False) -> list[Piece]:
+    """The reads of a table, about ``piece_bytes`` each, skipping gaps over MAX_GAP: cut at chunk boundaries
+    (every chunk in one piece), or with ``aligned`` at ALIGN boundaries (for O_DIRECT; a chunk may then
+    straddle two pieces and belongs to neither's ``chunks``)."""
     if not len(table):
         return []
-    piece_bytes = max(ALIGN, -(-piece_bytes // ALIGN) * ALIGN)
-    order = np.argsort(table.offsets)
-    starts, ends = table.offsets[order], (table.offsets + table.nbytes)[order]
-    out: list[tuple[int, int]] = []
-    a = int(starts[0]) // ALIGN * ALIGN
+    order = np.argsort(table.offsets, kind="stable")
+    starts, ends = table.offsets[order].tolist(), (table.offsets + table.nbytes)[order].tolist()
+    if aligned:
+        piece_bytes = max(ALIGN, -(-piece_bytes // ALIGN) * ALIGN)
+    ranges: list[tuple[int, int]] = []
+    a = starts[0] // ALIGN * ALIGN if aligned else starts[0]
     b = a
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        if s - b > MAX_GAP:  # a hole of unneeded chunks: close the piece
-            out.append((a, -(-b // ALIGN) * ALIGN))
-            a = s // ALIGN * ALIGN
+    for s, e in zip(starts, ends):
+        if s - b > MAX_GAP or (not aligned and e - a > piece_bytes and b > a):  # close the piece
+            ranges.append((a, -(-b // ALIGN) * ALIGN if aligned else b))
+            a = s // ALIGN * ALIGN if aligned else s
         b = max(b, e)
-        while b - a >= piece_bytes:
-            cut = a + piece_bytes
-            out.append((a, cut))
-            a = cut
+        while aligned and b - a >= piece_bytes:
+            ranges.append((a, a + piece_bytes))
+            a += piece_bytes
     if b > a:
-        out.append((a, -(-b // ALIGN) * ALIGN))
-    return out
+        ranges.append((a, -(-b // ALIGN) * ALIGN if aligned else b))
+    lo = np.searchsorted(starts, [r[0] for r in ranges], side="left")
+    hi = np.searchsorted(ends, [r[1] for r in ranges], side="right")
+    return [Piece(r[0], r[1], order[i:j][np.asarray(starts[i:j]) >= r[0]] if j > i else order[:0])
+            for r, i, j in zip(ranges, lo, hi)]
+
+
+@dataclass
+class Job:
+    """One array's streamed read: where from, which chunks, into which buffer, and who hears of each piece."""
+
+    layout: ShardLayout
+    table: ChunkTable
+    dest: np.ndarray
+    on_piece: Callable[[int, int], None] | None = None
 
 
 def read_span(layout: ShardLayout, table: ChunkTable, dest: np.ndarray, *,
-              on_piece: Callable[[int, int], None] | None = None, direct: bool = False,
+              on_piece: Callable[[int, int], None] | None = None, direct: bool = False, verify: bool = False,
               piece_bytes: int = PIECE_BYTES) -> None:
-    """Read every chunk of ``table`` into ``dest`` (uint8, at least ``table.length`` bytes; file offset
-    ``table.base`` lands at ``dest[0]``), pieces in parallel; ``on_piece(a, b)`` gets each piece's range in
-    ``dest`` from the worker that read it. ``direct`` uses O_DIRECT (``dest`` must then be ALIGN-aligned, as
-    pinned and page-allocated memory is). Raises :class:`CorruptCardError` if the shard is shorter than its
-    index says."""
-    path = local_path(layout)
-    if path is None:
-        raise ValueError(f"card {layout.label}: streaming reads need a local card; use read_encoded")
-    if dest.nbytes < table.length:
-        raise ValueError(f"dest holds {dest.nbytes} bytes; the read needs {table.length}")
-    todo = pieces(table, piece_bytes)
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise CorruptCardError(f"object {layout.key!r} is missing; the card is damaged (or was deleted while "
-                               "being read)", card=layout.label, part=layout.which) from None
-    except OSError:  # a file system without O_DIRECT: read through the page cache
-        fd = os.open(path, os.O_RDONLY)
-    last_needed = int((table.offsets + table.nbytes).max()) if len(table) else 0
+    """:func:`read_spans` of one array."""
+    read_spans([Job(layout, table, dest, on_piece)], direct=direct, verify=verify, piece_bytes=piece_bytes)
 
-    def work(piece: tuple[int, int]) -> None:
-        a, b = piece
-        view = memoryview(dest[a - table.base:b - table.base])
-        got = 0
-        while got < len(view):
-            n = os.preadv(fd, [view[got:]], a + got)
-            if n == 0:
-                break
-            got += n
-        if a + got < min(b, last_needed):
-            raise _corrupt(layout, 0, 0, f"the shard ends at byte {a + got}; its index needs {last_needed}")
-        if on_piece is not None:
-            on_piece(a - table.base, b - table.base)
 
+def read_spans(jobs: list[Job], *, direct: bool = False, verify: bool = True,
+               piece_bytes: int = PIECE_BYTES) -> None:
+    """Read every chunk of each job's table into its ``dest`` (uint8, at least ``table.length`` bytes; file
+    offset ``table.base`` lands at ``dest[0]``): the pieces of all jobs go to one pool of workers, each calls
+    ``on_piece(a, b)`` with its range in ``dest`` as soon as it is read and then, with ``verify``, checks the
+    crc32c of the chunks it read (what :func:`verify_chunks` checks), so checksums overlap the reads and the
+    device copies. ``direct`` uses O_DIRECT (``dest`` must then be ALIGN-aligned, as pinned and page-allocated
+    memory is). Raises :class:`CorruptCardError` (a shard shorter than its index, a chunk failing its
+    checksum) only after every worker is done."""
+    opened: list[int] = []
+    work: list[tuple[int, Job, Piece, np.ndarray, int]] = []
+    sums: list[np.ndarray] = []
     try:
-        _run(work, todo)
+        for job in jobs:
+            path = local_path(job.layout)
+            if path is None:
+                raise ValueError(f"card {job.layout.label}: streaming reads need a local card; use read_encoded")
+            if job.dest.nbytes < job.table.length:
+                raise ValueError(f"dest holds {job.dest.nbytes} bytes; the read needs {job.table.length}")
+            fd = _open(path, job.layout, direct)
+            opened.append(fd)
+            computed = np.zeros(len(job.table), dtype=np.uint32)
+            sums.append(computed)
+            last = int((job.table.offsets + job.table.nbytes).max()) if len(job.table) else 0
+            for piece in pieces(job.table, piece_bytes, aligned=direct):
+                work.append((fd, job, piece, computed, last))
+        done = np.zeros(0, dtype=np.int64)
+
+        def read(item: tuple[int, Job, Piece, np.ndarray, int]) -> None:
+            fd, job, piece, computed, last = item
+            base = job.table.base
+            view = memoryview(job.dest[piece.start - base:piece.end - base])
+            got = 0
+            while got < len(view):
+                n = os.preadv(fd, [view[got:]], piece.start + got)
+                if n == 0:
+                    break
+                got += n
+            if piece.start + got < min(piece.end, last):
+                raise _corrupt(job.layout, 0, 0, f"the shard ends at byte {piece.start + got}; its index needs "
+                                                 f"{last}")
+            if job.on_piece is not None:
+                job.on_piece(piece.start - base, piece.end - base)
+            if verify:
+                _crcs(job, piece.chunks, computed)
+
+        _run(read, work)
+        if verify:
+            for job, computed in zip(jobs, sums):
+                covered = np.concatenate([w[2].chunks for w in work if w[1] is job] or [done])
+                rest = np.setdiff1d(np.arange(len(job.table)), covered)  # chunks that straddled two pieces
+                if len(rest):
+                    per = max(1, -(-len(rest) // (WORKERS * 2)))
+                    _run(lambda k, job=job, computed=computed, rest=rest: _crcs(job, rest[k:k + per], computed),
+                         range(0, len(rest), per))
+                _check(job.layout, job.table, job.dest, computed)
     finally:
-        os.close(fd)
+        for fd in opened:
+            os.close(fd)
 
 
 def verify_chunks(layout: ShardLayout, table: ChunkTable, dest: np.ndarray) -> None:
@@ -190,19 +243,39 @@ def verify_chunks(layout: ShardLayout, table: ChunkTable, dest: np.ndarray) -> N
     n = len(table)
     if not n:
         return
-    rel = table.payload_offsets()
-    ends = rel + table.nbytes
-    trailers = np.empty(n, dtype=np.uint32)
-    computed = np.empty(n, dtype=np.uint32)
+    computed = np.zeros(n, dtype=np.uint32)
+    job = Job(layout, table, dest)
     per = max(1, -(-n // (WORKERS * 4)))
+    _run(lambda k: _crcs(job, np.arange(k, min(n, k + per)), computed), range(0, n, per))
+    _check(layout, table, dest, computed)
 
-    def work(k: int) -> None:
-        for i in range(k, min(n, k + per)):
-            a, e = int(rel[i]), int(ends[i])
-            computed[i] = _crc32c(dest[a:e - 4])
-            trailers[i] = dest[e - 4:e].view("<u4")[0]
 
-    _run(work, range(0, n, per))
+def _open(path: Path, layout: ShardLayout, direct: bool) -> int:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        raise CorruptCardError(f"object {layout.key!r} is missing; the card is damaged (or was deleted while "
+                               "being read)", card=layout.label, part=layout.which) from None
+    except OSError:  # a file system without O_DIRECT: read through the page cache
+        return os.open(path, os.O_RDONLY)
+
+
+def _crcs(job: Job, which: np.ndarray, out: np.ndarray) -> None:
+    """crc32c of the payload of each chunk ``which`` (indices into the table) into ``out``."""
+    mv = memoryview(job.dest)
+    rel = job.table.payload_offsets()[which].tolist()
+    size = job.table.nbytes[which].tolist()
+    for i, a, n in zip(which.tolist(), rel, size):
+        out[i] = _crc32c(mv[a:a + n - 4])
+
+
+def _check(layout: ShardLayout, table: ChunkTable, dest: np.ndarray, computed: np.ndarray) -> None:
+    """Computed checksums against each chunk's trailer and the manifest's binding, vectorised."""
+    if not len(table):
+        return
+    tail = (table.payload_offsets() + table.nbytes - 4)[:, None] + np.arange(4)
+    trailers = dest[tail].view("<u4").reshape(-1)
     bad = computed != trailers
     if table.expected is not None:
         bad |= computed != table.expected
@@ -235,4 +308,5 @@ def _corrupt(layout: ShardLayout, layer: int, j: int, why: str) -> CorruptCardEr
                             part=layout.which)
 
 
-__all__ = ["ChunkTable", "chunk_table", "local_path", "pieces", "read_span", "verify_chunks"]
+__all__ = ["ChunkTable", "Job", "Piece", "chunk_table", "local_path", "pieces", "read_span", "read_spans",
+           "verify_chunks"]
