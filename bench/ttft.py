@@ -264,36 +264,19 @@ def gpu(repeats: int, contexts=GPU_CONTEXTS, codecs=GPU_CODECS) -> list[dict]:
 
 
 def breakdown(model, store: Store, agent: str, n: int, repeats: int) -> dict:
-    """Where a warm static restore of one card goes (ms, medians): plan, reads + checksums + copies, decode."""
-    from cachecard.adapters import device_decode
+    """Where a warm restore of one card into a static slot goes (ms, medians): plan (layouts, chunk tables),
+    read (pieces read into pinned memory, copies launched as they land), device (copies finished, crc32c
+    checked and chunks decoded on the device, checksums compared)."""
+    from cachecard.adapters.torch_read import read_kv
 
     (card, _), = store.parts(store.cards(agent=agent)[0].card_id, tokens=n)
     slot = Slot(model, n + 64, compile=False)
-    keys, values = slot.buffers()
-    phases: dict[str, list[float]] = {"plan": [], "read_verify_copy": [], "decode": []}
+    phases: dict[str, list[float]] = {"plan": [], "read": [], "device": []}
     for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        staged = []
-        for which, out in (("k", keys), ("v", values)):
-            lay = card.shard_layout(which)
-            staged.append((lay, stream.chunk_table(lay, range(card.manifest.model.num_layers), n), out))
-        t1 = time.perf_counter()
-        jobs, raws = [], []
-        for lay, table, _ in staged:
-            host = torch.empty(table.length, dtype=torch.uint8, pin_memory=True)
-            dev = torch.empty(table.length, dtype=torch.uint8, device="cuda")
-            jobs.append(stream.Job(lay, table, host.numpy(),
-                                   lambda a, b, d=dev, h=host: d[a:b].copy_(h[a:b], non_blocking=True)))
-            raws.append(dev)
-        stream.read_spans(jobs)
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        for (lay, table, out), dev in zip(staged, raws):
-            device_decode.decode_chunks(dev, table, lay.serializer, lay.storage, out, lay.chunk_shape, n)
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        for k, a, b in (("plan", t0, t1), ("read_verify_copy", t1, t2), ("decode", t2, t3)):
-            phases[k].append((b - a) * 1e3)
+        got: dict[str, float] = {}
+        read_kv(card, n, device="cuda", dtype=slot.dtype, into=slot.buffers(), timings=got)
+        for k in phases:
+            phases[k].append(got[k] * 1e3)
     return {k: statistics.median(v[1:]) for k, v in phases.items()}
 
 

@@ -2,9 +2,9 @@
 
 - To a GPU, a local card streams (:mod:`cachecard.card.stream`): each array's chunks are read by parallel
   workers in a few large pieces into pinned memory, every piece is copied to the device as soon as it lands
-  (the copies overlap the reads), the worker that read a piece verifies its chunks' checksums meanwhile, and
-  one fused kernel (:mod:`cachecard.adapters.device_decode`) decodes, casts and lays out every chunk into the
-  destination. Nothing is decoded into the destination before every checksum has passed.
+  (the copies overlap the reads); the device checks every chunk's crc32c (:mod:`cachecard.adapters.device_crc`)
+  while one fused kernel (:mod:`cachecard.adapters.device_decode`) decodes, casts and lays out every chunk into
+  the destination. Nothing is returned before every checksum has passed.
 - On a CPU, the reader's fast path decodes straight into the destination (no copy for lossless cards).
 - Anything else (remote or zip cards, compressed chunks, codecs without a device decoder) decodes on the host.
 
@@ -14,11 +14,13 @@ cache's buffers); otherwise the tensors are allocated here.
 
 from __future__ import annotations
 
+import time
+
 import ml_dtypes
 import numpy as np
 import torch
 
-from cachecard.adapters import device_decode
+from cachecard.adapters import device_crc, device_decode
 from cachecard.card import stream
 from cachecard.card.reader import Card, ShardLayout
 from cachecard.errors import UnsupportedCodecError
@@ -40,9 +42,10 @@ def read_layers(card: Card, tokens: int, *, device: str | torch.device, dtype: t
 
 def read_kv(card: Card, tokens: int, *, device: str | torch.device, dtype: torch.dtype,
             via_torch: bool | None = None, into: tuple[torch.Tensor, torch.Tensor] | None = None,
-            direct: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            direct: bool = False, timings: dict[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of the first ``tokens`` tokens as ``[layers, heads, tokens, head_dim]`` tensors (or written into
-    ``into``, returned as views of it). ``direct`` reads cold cards with O_DIRECT on the streamed path."""
+    ``into``, returned as views of it). ``direct`` reads cold cards with O_DIRECT on the streamed path;
+    ``timings`` (a dict) receives the streamed path's phases in seconds (plan, read, device) for benchmarks."""
     device = torch.device(device)
     m = card.manifest.model
     if not 0 <= tokens <= card.manifest.tokens.count:
@@ -65,7 +68,7 @@ def read_kv(card: Card, tokens: int, *, device: str | torch.device, dtype: torch
         k_out = torch.empty(shape, dtype=dtype, device=device)
         v_out = torch.empty(shape, dtype=dtype, device=device)
     if streamed:
-        _stream(card, layouts, tokens, (k_out, v_out), direct)
+        _stream(card, layouts, tokens, (k_out, v_out), direct, timings)
     elif tokens and k_out.device.type == "cpu" and k_out.dtype == _TORCH_DTYPES[m.kv_dtype]:
         card.read(tokens=tokens, out=(_numpy(k_out[:, :, :tokens]), _numpy(v_out[:, :, :tokens])))  # in place
     elif tokens:
@@ -87,7 +90,8 @@ def _streamable(card: Card) -> tuple[ShardLayout, ShardLayout] | None:
 
 
 def _stream(card: Card, layouts: tuple[ShardLayout, ShardLayout], tokens: int,
-            outs: tuple[torch.Tensor, torch.Tensor], direct: bool) -> None:
+            outs: tuple[torch.Tensor, torch.Tensor], direct: bool, timings: dict[str, float] | None) -> None:
+    t0 = time.perf_counter()
     layers = range(card.manifest.model.num_layers)
     cuda = outs[0].device.type == "cuda"
     copy_stream = torch.cuda.Stream(outs[0].device) if cuda else None
@@ -97,6 +101,7 @@ def _stream(card: Card, layouts: tuple[ShardLayout, ShardLayout], tokens: int,
         kind = device_decode.kind_of(lay.serializer, lay.storage)
         device_decode.check_payloads(table, int(np.prod(lay.chunk_shape)), kind, lay.label, lay.which)
         staged.append((lay, table))
+    t1 = time.perf_counter()
     jobs, raws = [], []
     for lay, table in staged:
         host = torch.empty(table.length, dtype=torch.uint8, pin_memory=cuda)
@@ -108,12 +113,23 @@ def _stream(card: Card, layouts: tuple[ShardLayout, ShardLayout], tokens: int,
 
         jobs.append(stream.Job(lay, table, host.numpy(), copy if cuda else None))
         raws.append(dev)
-    # K and V read by one pool; every chunk's checksum verified by the worker that read it, before we go on
-    stream.read_spans(jobs, direct=direct, verify=True)
+    # K and V read by one pool. On a CPU each worker checks the chunks it read; on a GPU the device checks
+    # them after the copies (a host core manages a few GB/s of crc32c), while it decodes.
+    stream.read_spans(jobs, direct=direct, verify=not cuda)
+    t2 = time.perf_counter()
+    crcs = []
     if cuda:
         torch.cuda.current_stream(outs[0].device).wait_stream(copy_stream)
+        crcs = [device_crc.crc32c_chunks(raw, table.payload_offsets(), table.nbytes - 4)
+                for (_, table), raw in zip(staged, raws)]
     for (lay, table), raw, out in zip(staged, raws, outs):
         device_decode.decode_chunks(raw, table, lay.serializer, lay.storage, out, lay.chunk_shape, tokens)
+    for (lay, table), job, crc in zip(staged, jobs, crcs):  # waits for the device: nothing returns unchecked
+        stream.check_crcs(lay, table, job.dest, crc.cpu().numpy().view(np.uint32))
+    if timings is not None:
+        if cuda:
+            torch.cuda.synchronize(outs[0].device)
+        timings.update(plan=t1 - t0, read=t2 - t1, device=time.perf_counter() - t2)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

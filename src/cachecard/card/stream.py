@@ -230,7 +230,7 @@ def read_spans(jobs: list[Job], *, direct: bool = False, verify: bool = True,
                     per = max(1, -(-len(rest) // (WORKERS * 2)))
                     _run(lambda k, job=job, computed=computed, rest=rest: _crcs(job, rest[k:k + per], computed),
                          range(0, len(rest), per))
-                _check(job.layout, job.table, job.dest, computed)
+                check_crcs(job.layout, job.table, job.dest, computed)
     finally:
         for fd in opened:
             os.close(fd)
@@ -247,7 +247,7 @@ def verify_chunks(layout: ShardLayout, table: ChunkTable, dest: np.ndarray) -> N
     job = Job(layout, table, dest)
     per = max(1, -(-n // (WORKERS * 4)))
     _run(lambda k: _crcs(job, np.arange(k, min(n, k + per)), computed), range(0, n, per))
-    _check(layout, table, dest, computed)
+    check_crcs(layout, table, dest, computed)
 
 
 def _open(path: Path, layout: ShardLayout, direct: bool) -> int:
@@ -270,8 +270,9 @@ def _crcs(job: Job, which: np.ndarray, out: np.ndarray) -> None:
         out[i] = _crc32c(mv[a:a + n - 4])
 
 
-def _check(layout: ShardLayout, table: ChunkTable, dest: np.ndarray, computed: np.ndarray) -> None:
-    """Computed checksums against each chunk's trailer and the manifest's binding, vectorised."""
+def check_crcs(layout: ShardLayout, table: ChunkTable, dest: np.ndarray, computed: np.ndarray) -> None:
+    """Checksums computed over each chunk's payload (here or on a device) against the chunk's trailer in
+    ``dest`` and the manifest's binding, vectorised; :class:`CorruptCardError` names the first bad chunk."""
     if not len(table):
         return
     tail = (table.payload_offsets() + table.nbytes - 4)[:, None] + np.arange(4)
@@ -308,5 +309,5 @@ def _corrupt(layout: ShardLayout, layer: int, j: int, why: str) -> CorruptCardEr
                             part=layout.which)
 
 
-__all__ = ["ChunkTable", "Job", "Piece", "chunk_table", "local_path", "pieces", "read_span", "read_spans",
+__all__ = ["ChunkTable", "Job", "Piece", "check_crcs", "chunk_table", "local_path", "pieces", "read_span", "read_spans",
            "verify_chunks"]
