@@ -32,6 +32,27 @@ def main() -> None:
                 list(pool.map(lambda i: fn(mv[i * CHUNK:(i + 1) * CHUNK]), range(N)))
                 many = data.nbytes / (time.perf_counter() - t) / 1e9
             print(f"{name}: 1 thread {one:.1f} GB/s, {threads} threads {many:.1f} GB/s")
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():  # the restore path's device check (adapters/device_crc.py)
+        from cachecard.adapters.device_crc import crc32c_chunks
+
+        raw = torch.from_numpy(data).cuda()
+        starts = np.arange(N, dtype=np.int64) * CHUNK
+        lens = np.full(N, CHUNK - 4, np.int64)
+        for _ in range(3):
+            crc32c_chunks(raw, starts, lens)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            got = crc32c_chunks(raw, starts, lens)
+        torch.cuda.synchronize()
+        gbs = 10 * data.nbytes / (time.perf_counter() - t) / 1e9
+        ok = got[:4].cpu().numpy().view(np.uint32).tolist() == [crc32c.crc32c(mv[i * CHUNK:(i + 1) * CHUNK - 4])
+                                                                for i in range(4)]
+        print(f"device ({torch.cuda.get_device_name()}): {gbs:.0f} GB/s, equal to crc32c: {ok}")
 
 
 if __name__ == "__main__":
