@@ -14,6 +14,7 @@ cache's buffers); otherwise the tensors are allocated here.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import ml_dtypes
@@ -108,14 +109,14 @@ def _stream(card: Card, layouts: tuple[ShardLayout, ShardLayout], tokens: int,
         dev = torch.empty(table.length, dtype=torch.uint8, device=outs[0].device) if cuda else host
 
         def copy(a: int, b: int, dev: torch.Tensor = dev, host: torch.Tensor = host) -> None:
-            with torch.cuda.stream(copy_stream):  # the copy of this piece overlaps the reads of the next
-                dev[a:b].copy_(host[a:b], non_blocking=True)
+            dev[a:b].copy_(host[a:b], non_blocking=True)  # overlaps the reads still going on
 
         jobs.append(stream.Job(lay, table, host.numpy(), copy if cuda else None))
         raws.append(dev)
     # K and V read by one pool. On a CPU each worker checks the chunks it read; on a GPU the device checks
     # them after the copies (a host core manages a few GB/s of crc32c), while it decodes.
-    stream.read_spans(jobs, direct=direct, verify=not cuda)
+    with torch.cuda.stream(copy_stream) if cuda else contextlib.nullcontext():
+        stream.read_spans(jobs, direct=direct, verify=not cuda)
     t2 = time.perf_counter()
     crcs = []
     if cuda:

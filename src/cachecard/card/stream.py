@@ -20,6 +20,7 @@ Decoding is the caller's (``cachecard.adapters.torch_read`` decodes on the devic
 from __future__ import annotations
 
 import os
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,27 +130,35 @@ class Piece:
     chunks: np.ndarray
 
 
-def pieces(table: ChunkTable, piece_bytes: int = PIECE_BYTES, *, aligned: bool = False) -> list[Piece]:
+def pieces(table: ChunkTable, piece_bytes: int = PIECE_BYTES, *, aligned: bool = False,
+           tail_bytes: int = 0) -> list[Piece]:
     """The reads of a table, about ``piece_bytes`` each, skipping gaps over MAX_GAP: cut at chunk boundaries
     (every chunk in one piece), or with ``aligned`` at ALIGN boundaries (for O_DIRECT; a chunk may then
-    straddle two pieces and belongs to neither's ``chunks``)."""
+    straddle two pieces and belongs to neither's ``chunks``). The last ``tail_bytes`` are cut in quarter
+    pieces: the last wave of reads is then small, and so is the copy that cannot overlap a read."""
     if not len(table):
         return []
     order = np.argsort(table.offsets, kind="stable")
     starts, ends = table.offsets[order].tolist(), (table.offsets + table.nbytes)[order].tolist()
     if aligned:
         piece_bytes = max(ALIGN, -(-piece_bytes // ALIGN) * ALIGN)
+    small = max(ALIGN, piece_bytes // 4 // ALIGN * ALIGN)
+    end_all = ends[-1]
     ranges: list[tuple[int, int]] = []
     a = starts[0] // ALIGN * ALIGN if aligned else starts[0]
     b = a
+
+    def size(at: int) -> int:
+        return small if end_all - at <= tail_bytes else piece_bytes
+
     for s, e in zip(starts, ends):
-        if s - b > MAX_GAP or (not aligned and e - a > piece_bytes and b > a):  # close the piece
+        if s - b > MAX_GAP or (not aligned and e - a > size(a) and b > a):  # close the piece
             ranges.append((a, -(-b // ALIGN) * ALIGN if aligned else b))
             a = s // ALIGN * ALIGN if aligned else s
         b = max(b, e)
-        while aligned and b - a >= piece_bytes:
-            ranges.append((a, a + piece_bytes))
-            a += piece_bytes
+        while aligned and b - a >= size(a):
+            ranges.append((a, a + size(a)))
+            a += size(a)
     if b > a:
         ranges.append((a, -(-b // ALIGN) * ALIGN if aligned else b))
     lo = np.searchsorted(starts, [r[0] for r in ranges], side="left")
@@ -178,9 +187,9 @@ def read_span(layout: ShardLayout, table: ChunkTable, dest: np.ndarray, *,
 def read_spans(jobs: list[Job], *, direct: bool = False, verify: bool = True,
                piece_bytes: int = PIECE_BYTES) -> None:
     """Read every chunk of each job's table into its ``dest`` (uint8, at least ``table.length`` bytes; file
-    offset ``table.base`` lands at ``dest[0]``): the pieces of all jobs go to one pool of workers, each calls
-    ``on_piece(a, b)`` with its range in ``dest`` as soon as it is read and then, with ``verify``, checks the
-    crc32c of the chunks it read (what :func:`verify_chunks` checks), so checksums overlap the reads and the
+    offset ``table.base`` lands at ``dest[0]``): the pieces of all jobs go to one pool of workers, and as soon as
+    a piece is read, ``on_piece(a, b)`` runs with its range in ``dest`` in the calling thread (so device copies
+    are launched from one thread) while the worker, with ``verify``, checks the crc32c of the chunks it read (what :func:`verify_chunks` checks), so checksums overlap the reads and the
     device copies. ``direct`` uses O_DIRECT (``dest`` must then be ALIGN-aligned, as pinned and page-allocated
     memory is). Raises :class:`CorruptCardError` (a shard shorter than its index, a chunk failing its
     checksum) only after every worker is done."""
@@ -199,29 +208,38 @@ def read_spans(jobs: list[Job], *, direct: bool = False, verify: bool = True,
             computed = np.zeros(len(job.table), dtype=np.uint32)
             sums.append(computed)
             last = int((job.table.offsets + job.table.nbytes).max()) if len(job.table) else 0
-            for piece in pieces(job.table, piece_bytes, aligned=direct):
+            for piece in pieces(job.table, piece_bytes, aligned=direct, tail_bytes=WORKERS * piece_bytes // 2):
                 work.append((fd, job, piece, computed, last))
+        work.sort(key=lambda w: w[2].start - w[2].end)  # big pieces first, every array's small tail last
         done = np.zeros(0, dtype=np.int64)
+        landed: queue.SimpleQueue = queue.SimpleQueue()
+        callbacks = sum(1 for w in work if w[1].on_piece is not None)
 
         def read(item: tuple[int, Job, Piece, np.ndarray, int]) -> None:
             fd, job, piece, computed, last = item
             base = job.table.base
             view = memoryview(job.dest[piece.start - base:piece.end - base])
             got = 0
-            while got < len(view):
-                n = os.preadv(fd, [view[got:]], piece.start + got)
-                if n == 0:
-                    break
-                got += n
-            if piece.start + got < min(piece.end, last):
-                raise _corrupt(job.layout, 0, 0, f"the shard ends at byte {piece.start + got}; its index needs "
-                                                 f"{last}")
-            if job.on_piece is not None:
-                job.on_piece(piece.start - base, piece.end - base)
+            try:
+                while got < len(view):
+                    n = os.preadv(fd, [view[got:]], piece.start + got)
+                    if n == 0:
+                        break
+                    got += n
+                if piece.start + got < min(piece.end, last):
+                    raise _corrupt(job.layout, 0, 0, f"the shard ends at byte {piece.start + got}; its index "
+                                                     f"needs {last}")
+            finally:  # the caller's thread waits for one message per piece, whatever happens
+                if job.on_piece is not None:
+                    landed.put((job.on_piece, piece.start - base, piece.end - base))
             if verify:
                 _crcs(job, piece.chunks, computed)
 
-        _run(read, work)
+        futures = [_pool().submit(read, w) for w in work]
+        for _ in range(callbacks):  # on_piece runs here, in the caller's thread (device copies: one launcher)
+            on_piece, a, b = landed.get()
+            on_piece(a, b)
+        _wait(futures)
         if verify:
             for job, computed in zip(jobs, sums):
                 covered = np.concatenate([w[2].chunks for w in work if w[1] is job] or [done])
@@ -288,7 +306,10 @@ def check_crcs(layout: ShardLayout, table: ChunkTable, dest: np.ndarray, compute
 
 
 def _run(work: Callable[..., None], items: object) -> None:
-    futures = [_pool().submit(work, item) for item in items]  # type: ignore[attr-defined]
+    _wait([_pool().submit(work, item) for item in items])  # type: ignore[attr-defined]
+
+
+def _wait(futures: list) -> None:
     errors = []
     for f in futures:  # wait for all: no worker may still write into a buffer the caller frees
         try:
