@@ -130,7 +130,7 @@ def cpu(repeats: int) -> list[dict]:
     from cachecard.testing import smollm2
 
     model, tok = smollm2.load()
-    hf.bind(model, hf.model_identity(model, tok, gguf=smollm2.gguf_path()))
+    hf.bind(model, hf.model_identity(model, tokenizer=tok, gguf=smollm2.gguf_path()))
     ids = torch.as_tensor(smollm2.corpus_ids()[None, :max(CPU_CONTEXTS) + 1])
     with tempfile.TemporaryDirectory(dir=RESULTS.parent) as tmp:
         return run(model, ids, CPU_CONTEXTS, CPU_CODECS, Path(tmp) / "store", repeats, "cpu", cold=False)

@@ -126,7 +126,7 @@ def main() -> None:
         shutil.rmtree(OUT, ignore_errors=True)
     t = time.perf_counter()
     model, tok = smollm2.load()
-    hf.bind(model, hf.model_identity(model, tok, gguf=smollm2.gguf_path(), name="SmolLM2-135M-Instruct"))
+    hf.bind(model, hf.model_identity(model, tokenizer=tok, gguf=smollm2.gguf_path(), name="SmolLM2-135M-Instruct"))
     print(f"loaded SmolLM2-135M-Instruct (real weights, fp32, CPU) in {time.perf_counter() - t:.1f} s")
     torch.manual_seed(0)
     shared = shared_context(tok)
