@@ -344,3 +344,32 @@ def test_restore_refuses_a_child_card_on_its_own(tmp_path):
 
         read_layers(parent, 41, device="cpu", dtype=torch.float32)
     store.close()
+
+
+# -- one call each way (issue 17) --------------------------------------------------------------------------------
+def test_load_with_only_the_new_tokens_is_a_cachecard_error_not_a_reshape_error(tmp_path):
+    model = tiny_model("llama")
+    ids = torch.tensor([list(range(1, 21))])
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    hf.save(tmp_path / "c", model, cache, ids, tokenizer=_Tok())
+    with pytest.raises(cachecard.KVShapeError, match="Pass the whole prompt, the card's 20 tokens first"):
+        hf.load(tmp_path / "c", model, [77, 78])  # mlx-lm's habit: only what follows the cache
+
+
+def test_a_model_of_unknown_origin_is_told_how_to_write_portable_cards(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+    with pytest.raises(cachecard.errors.MissingIdentityError, match="gguf=PATH: cards every runtime restores"):
+        hf.save(tmp_path / "c", model, cache, [1, 2, 3])
+    assert hf.source_gguf(model) is None  # not loaded from a GGUF file
+
+
+def test_generate_output_ids_are_accepted_by_save(tmp_path):
+    """generate's sequences end with a token its cache does not hold yet: save takes them as they are."""
+    model = tiny_model("llama")
+    out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    hf.save(tmp_path / "c", model, out.past_key_values, out.sequences, tokenizer=_Tok())
+    assert cachecard.open_card(tmp_path / "c").token_ids().tolist() == out.sequences[0, :-1].tolist()

@@ -367,3 +367,19 @@ def test_smollm2_cross_runtime_transformers_and_mlx(tmp_path, smol):
     assert mlx_from_hf == mlx_own
     assert hf_from_mlx == hf_own
     assert hf_own == mlx_own
+
+
+# -- identities that travel (issue 17, item 2) ------------------------------------------------------------------
+def test_a_card_bound_to_a_gguf_is_refused_with_the_gguf_advice_and_allow_works(tmp_path):
+    """A card written elsewhere with a GGUF identity, restored into a model nothing is known about: the
+    refusal says how to make them agree (gguf=), and allow= (which every restore takes) lets it in."""
+    model = tiny_model()
+    ids = prompt_ids(20)
+    theirs = identity(model).model_copy(update={"weights_hash": "gguf-sha256:" + "1" * 64,
+                                                "tokenizer_hash": "gguf-sha256:" + "2" * 64})
+    mlxa.save(tmp_path / "c", model, prefill(model, ids), ids, identity=theirs)
+    with pytest.raises(cachecard.IdentityMismatchError, match=r"gguf=PATH"):
+        mlxa.restore(tmp_path / "c", model, quantized=(64, 4))
+    cache = mlxa.restore(tmp_path / "c", model, quantized=(64, 4), allow={"weights_hash"})
+    assert cache[0].offset == 20
+    assert mlxa.load(tmp_path / "c", model, identity=theirs)[0].offset == 20
