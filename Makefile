@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)   # run 1 prefills and saves; run 2 restores from the store
-	$(PY) examples/demo.py --fresh
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py --fresh $(DEMO_ARGS)
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 docs: $(STAMP)   # the API reference from the docstrings (pdoc) in docs/api/; guides in docs/*.md
 	$(PY) scripts/build_docs.py docs/api

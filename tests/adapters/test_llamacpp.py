@@ -53,7 +53,7 @@ def test_synthesised_state_parses_and_reserialises_exactly(k_type: str, v_type: 
 
 
 def test_layout_offsets_match_the_documented_struct() -> None:
-    """Hand-check one f16, v_trans state against kv-stores.md §3.2."""
+    """Hand-check one f16, v_trans state against the layout in cachecard.adapters.ggsq's docstring."""
     kv = random_kv(2)
     data = from_canonical(kv, layout=CacheLayout("f16", "f16", True), seq_id=0)
     magic, seq, n_stream, cells = struct.unpack_from("<IiII", data, 0)
