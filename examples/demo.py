@@ -151,9 +151,11 @@ def main() -> None:
     with phase("loading SmolLM2-135M-Instruct from its GGUF (real weights, float32, CPU)"):
         t = time.perf_counter()
         model, tok = smollm2.load()
+        identity = hf.identity_of(model)  # found once (the GGUF file it came from), before anything is timed
         loaded = time.perf_counter() - t
     console.print(f"loaded SmolLM2-135M-Instruct (real weights, float32, CPU) in {loaded:.1f} s; its cards bind "
-                  "to the GGUF file it came from, so llama.cpp and MLX can restore them too")
+                  f"to the GGUF file it came from ({identity.weights_hash[:24]}...), so llama.cpp and MLX can "
+                  "restore them too")
     torch.manual_seed(0)
     shared = shared_context(tok, 2000 if args.long else 1000)
     with cachecard.Store(STORE) as store:

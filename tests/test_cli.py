@@ -113,9 +113,16 @@ def test_inspect_a_card_of_a_store_by_id_or_prefix(places):
     _fails(["inspect", "store", "0000"], "no card id starts with '0000'", "cachecard ls store")
 
 
-def test_ls_prints_whole_ids_on_one_line(places):
-    r = runner.invoke(app, ["ls", "store"], terminal_width=60)
+def test_ls_prints_ids_on_one_line_that_other_commands_take(places, monkeypatch):
+    from cachecard import cli
+
+    monkeypatch.setattr(cli.out, "width", 140)
+    r = runner.invoke(app, ["ls", "store"])
     assert r.exit_code == 0 and places in r.output
+    monkeypatch.setattr(cli.out, "width", 80)
+    r = runner.invoke(app, ["ls", "store"])
+    assert r.exit_code == 0 and places[:12] in r.output
+    assert runner.invoke(app, ["inspect", "store", places[:12]]).exit_code == 0
 
 
 def test_rm_with_a_bad_id_removes_nothing(places):

@@ -163,8 +163,8 @@ def _store(location: str, index: str | None, option: list[str] | None):  # noqa:
         if "://" in location or _is_store(location, option) or path.is_file():
             err.print(f"[red]FAIL[/red] {e}", highlight=False, soft_wrap=True)
         elif not path.exists():
-            err.print(f"[red]FAIL[/red] {location!r} does not exist; name a store directory (a folder holding "
-                      "cachecard-store.json)", highlight=False, soft_wrap=True)
+            err.print(f"[red]FAIL[/red] no cachecard store at {location!r}: it does not exist; name a store "
+                      "directory (a folder holding cachecard-store.json)", highlight=False, soft_wrap=True)
         else:  # a folder, but not a store: say what it holds, in this command's terms
             from cachecard.card.locations import folder_contents, held
 
@@ -238,14 +238,17 @@ def ls_(
     if as_json:
         out.print_json(json.dumps([c.__dict__ for c in cards]))
         return
+    # Ids on one line: whole when the terminal has room, else their first 12 characters (inspect and rm
+    # take either; --json always gives whole ids).
+    id_width = 32 if out.width >= 120 else 12
     table = Table(title=f"{store}: {len(cards)} cards", title_justify="left")
     for col in ("card", "agents", "tokens", "parent", "codecs", "size", "accessed"):
         table.add_column(col, justify="right" if col in ("tokens", "size") else "left", no_wrap=col == "card",
-                         min_width=32 if col == "card" else None, overflow="ignore" if col == "card" else "ellipsis")
+                         min_width=id_width if col == "card" else None, overflow="ellipsis")
     for c in cards:
         parent = f"{c.parent[:12]} @{c.parent_tokens}" if c.parent else "-"
         when = datetime.fromtimestamp(c.accessed).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(c.card_id, ", ".join(c.agents) or f"- ({c.children} children)",
+        table.add_row(c.card_id[:id_width], ", ".join(c.agents) or f"- ({c.children} children)",
                       f"{c.tokens} / {c.total}", parent, "/".join(dict.fromkeys(c.codecs)), _size(c.bytes), when)
     out.print(table)
 
