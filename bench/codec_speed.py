@@ -42,7 +42,7 @@ def real_kv(prefix: int = 2048) -> tuple[np.ndarray, np.ndarray, object]:
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
     kv = hf.to_canonical(cache)
-    return kv.k.astype(np.float16), kv.v.astype(np.float16), hf.model_identity(model, tok, kv_dtype="float16")
+    return kv.k.astype(np.float16), kv.v.astype(np.float16), hf.model_identity(model, tokenizer=tok, kv_dtype="float16")
 
 
 def timed(f, repeat: int = 3) -> float:

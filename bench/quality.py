@@ -112,7 +112,7 @@ def score(batch: np.ndarray, prefix: int, exact, codecs: dict[str, object], scor
     """Score every codec on one batch of windows; ``exact`` is ``prefill(batch, prefix)``."""
     model, tok = load()
     ks, vs, logp = exact
-    identity = hf.model_identity(model, tok, kv_dtype="float16")
+    identity = hf.model_identity(model, tokenizer=tok, kv_dtype="float16")
     cont = torch.from_numpy(batch[:, prefix:])
     target = cont[:, 1:]
     nll_exact = -logp.gather(-1, target[..., None]).sum().item()

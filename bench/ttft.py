@@ -225,7 +225,7 @@ def cpu(repeats: int, contexts=CPU_CONTEXTS, codecs=CPU_CODECS) -> list[dict]:
     from cachecard.testing import smollm2
 
     model, tok = smollm2.load()
-    hf.bind(model, hf.model_identity(model, tok, gguf=smollm2.gguf_path()))
+    hf.bind(model, hf.model_identity(model, tokenizer=tok, gguf=smollm2.gguf_path()))
     ids = torch.as_tensor(smollm2.corpus_ids()[None, :max(contexts) + 1])
     with tempfile.TemporaryDirectory(dir=RESULTS.parent) as tmp:
         rows = run(model, ids, contexts, codecs, Path(tmp) / "store", repeats, "cpu")

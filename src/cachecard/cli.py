@@ -23,6 +23,28 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from cachecard import __version__
+
+        out.print(f"cachecard {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Inspect and check CacheCard KV-cache cards and stores."""
+
+
+# -- stores (agent memory: cachecard.kvstore.store) -------------------------------------------------------------
+IndexOpt = Annotated[Optional[str], typer.Option("--index", help="the store's LMDB index directory (default: "
+                                                 "<store>/index, or a per-URL cache dir for remote stores)")]
+OptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="fsspec storage option KEY=VALUE "
+                                                         "(repeatable), e.g. -o endpoint_url=http://...")]
+StoreArg = Annotated[str, typer.Argument(help="store directory or fsspec URL (s3://bucket/prefix)")]
+
+
 def _summary(location: str) -> dict[str, object]:
     card = open_card(location)
     m = card.manifest
@@ -50,12 +72,20 @@ def _fail(location: str, e: CacheCardError) -> None:
 
 @app.command()
 def inspect(
-    card: Annotated[str, typer.Argument(help="card directory, .zip or fsspec URL")],
+    card: Annotated[str, typer.Argument(help="card directory, .zip or fsspec URL; or a store, with CARD_ID")],
+    card_id: Annotated[Optional[str], typer.Argument(help="a card id (or its first characters) from "
+                                                     "`cachecard ls`, when CARD is a store")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    index: IndexOpt = None,
+    option: OptionsOpt = None,
 ) -> None:
     """Show a card's model identity, tokens, layout, codecs and size on disk."""
+    location = card
+    if card_id is not None:
+        with _store(card, index, option) as st:
+            location = st.card_location(_resolve_id(st, card_id))
     try:
-        info = _summary(card)
+        info = _summary(location)
     except CacheCardError as e:
         _fail(card, e)
         raise typer.Exit(1) from None
@@ -99,14 +129,6 @@ def verify(
         raise typer.Exit(1)
 
 
-# -- stores (agent memory: cachecard.kvstore.store) -------------------------------------------------------------
-IndexOpt = Annotated[Optional[str], typer.Option("--index", help="the store's LMDB index directory (default: "
-                                                 "<store>/index, or a per-URL cache dir for remote stores)")]
-OptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="fsspec storage option KEY=VALUE "
-                                                         "(repeatable), e.g. -o endpoint_url=http://...")]
-StoreArg = Annotated[str, typer.Argument(help="store directory or fsspec URL (s3://bucket/prefix)")]
-
-
 def _options(option: list[str] | None) -> dict[str, object]:
     opts: dict[str, object] = {}
     for item in option or []:
@@ -137,8 +159,33 @@ def _store(location: str, index: str | None, option: list[str] | None):  # noqa:
     try:
         return Store(location, index=index, create=False, storage_options=_options(option) or None)
     except CacheCardError as e:
-        err.print(f"[red]FAIL[/red] {e}", highlight=False, soft_wrap=True)
+        path = Path(location)
+        if "://" in location or _is_store(location, option) or path.is_file():
+            err.print(f"[red]FAIL[/red] {e}", highlight=False, soft_wrap=True)
+        elif not path.exists():
+            err.print(f"[red]FAIL[/red] no cachecard store at {location!r}: it does not exist; name a store "
+                      "directory (a folder holding cachecard-store.json)", highlight=False, soft_wrap=True)
+        else:  # a folder, but not a store: say what it holds, in this command's terms
+            from cachecard.card.locations import folder_contents, held
+
+            cards, stores = folder_contents(path)
+            err.print(f"[red]FAIL[/red] {location!r} is not a cachecard store (it has no cachecard-store.json)"
+                      + (f"; it holds {held(path, cards, stores)}" if cards or stores else ""),
+                      highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _resolve_id(st, text: str) -> str:  # noqa: ANN001
+    """A full card id from an id or its first characters (as `ls` shows parents); exit 1 when none or
+    several cards match."""
+    ids = [c.card_id for c in st.cards()]
+    found = [i for i in ids if i.startswith(text.lower())] if text else []
+    if len(found) != 1:
+        why = "no card id starts with" if not found else f"{len(found)} card ids start with"
+        err.print(f"[red]FAIL[/red] {why} {text!r} in {st.root_label}; list them with `cachecard ls "
+                  f"{st.root_label}`", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    return found[0]
 
 
 def _bar(description: str):  # noqa: ANN202
@@ -191,13 +238,17 @@ def ls_(
     if as_json:
         out.print_json(json.dumps([c.__dict__ for c in cards]))
         return
+    # Ids on one line: whole when the terminal has room, else their first 12 characters (inspect and rm
+    # take either; --json always gives whole ids).
+    id_width = 32 if out.width >= 120 else 12
     table = Table(title=f"{store}: {len(cards)} cards", title_justify="left")
     for col in ("card", "agents", "tokens", "parent", "codecs", "size", "accessed"):
-        table.add_column(col, justify="right" if col in ("tokens", "size") else "left", overflow="fold" if col == "card" else "ellipsis")
+        table.add_column(col, justify="right" if col in ("tokens", "size") else "left", no_wrap=col == "card",
+                         min_width=id_width if col == "card" else None, overflow="ellipsis")
     for c in cards:
         parent = f"{c.parent[:12]} @{c.parent_tokens}" if c.parent else "-"
         when = datetime.fromtimestamp(c.accessed).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(c.card_id, ", ".join(c.agents) or f"- ({c.children} children)",
+        table.add_row(c.card_id[:id_width], ", ".join(c.agents) or f"- ({c.children} children)",
                       f"{c.tokens} / {c.total}", parent, "/".join(dict.fromkeys(c.codecs)), _size(c.bytes), when)
     out.print(table)
 
@@ -265,23 +316,17 @@ def rm(
     """Remove references to cards; data goes when no agent and no other card uses it."""
     if not cards and agent is None:
         raise typer.BadParameter("name card ids, or --agent to drop an agent")
-    failed = 0
     with _store(store, index, option) as st:
+        ids = [_resolve_id(st, c) for c in cards or []]  # every id checked before anything is removed
         try:
-            freed = st.drop_agent(agent) if not cards and agent is not None else []
-            for card_id in cards or []:
-                try:
-                    freed += st.delete(card_id, agent=agent)
-                except CacheCardError as e:
-                    err.print(f"[red]FAIL[/red] {e}", highlight=False, soft_wrap=True)
-                    failed += 1
+            freed = st.drop_agent(agent) if not ids and agent is not None else []
+            for card_id in ids:
+                freed += st.delete(card_id, agent=agent)
         except CacheCardError as e:
             err.print(f"[red]FAIL[/red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
     out.print(f"removed references; freed {len(freed)} cards" + (f": {', '.join(freed)}" if freed else ""),
               highlight=False, soft_wrap=True)
-    if failed:
-        raise typer.Exit(1)
 
 
 @app.command()

@@ -55,6 +55,11 @@ class IdentityMismatchError(CacheCardError):
     """The card was made by a different model, tokenizer or layout than the one it is restored into."""
 
 
+class MissingIdentityError(CacheCardError, TypeError):
+    """An adapter cannot tell which model it was given (no GGUF file, no tokenizer, nothing bound): the
+    message says which argument to pass."""
+
+
 class KVShapeError(CacheCardError, ValueError):
     """KV arrays handed to the writer do not match each other, the tokens or the model identity."""
 

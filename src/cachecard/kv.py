@@ -45,6 +45,24 @@ def as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def token_ids(tokens: Any) -> np.ndarray:
+    """Token ids as a 1-d numpy array, from anything that holds one sequence of them: a list, a numpy
+    array, a torch or mlx tensor, of shape ``(T,)`` or ``(1, T)`` (a batch of one, as tokenizers return).
+
+    Raises KVShapeError for a batch of several sequences, more dimensions, or values that are not integers.
+    """
+    ids = as_numpy(tokens) if not isinstance(tokens, (list, tuple, range)) else np.asarray(tokens)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        rows = f"a batch of {ids.shape[0]} sequences" if ids.ndim == 2 else f"shape {ids.shape}"
+        raise KVShapeError(f"need one sequence of token ids, shape (T,) or (1, T); got {rows}. A card holds one "
+                           "sequence: pass one row")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise KVShapeError(f"token ids must be integers; got {ids.dtype}")
+    return ids
+
+
 @dataclass(frozen=True, eq=False)
 class CanonicalKV:
     """K and V of one token sequence, every layer, in the canonical layout."""

@@ -37,12 +37,12 @@ def test_restored_cache_continues_exactly(tmp_path, kind, dtype):
     with torch.no_grad():
         out = model(ids[:, :-1], use_cache=True)
     kv = hf.to_canonical(out.past_key_values)
-    ident = hf.model_identity(model, _Tok())
+    ident = hf.model_identity(model, tokenizer=_Tok())
     assert ident.architecture == kind and ident.kv_dtype == str(dtype).removeprefix("torch.")
     cachecard.write_card(tmp_path / "c", kv, ids[0, :-1].numpy(), ident, runtime=hf.RUNTIME)
 
     card = cachecard.open_card(tmp_path / "c")
-    assert card.manifest.model.mismatches(hf.model_identity(model, _Tok())) == []
+    assert card.manifest.model.mismatches(hf.model_identity(model, tokenizer=_Tok())) == []
     restored = hf.from_canonical(card.read())
     for a, b in zip(restored.layers, out.past_key_values.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
@@ -56,7 +56,7 @@ def test_identity_differs_for_other_weights():
     a, b = tiny_model("llama"), tiny_model("llama")
     with torch.no_grad():
         b.model.layers[0].self_attn.k_proj.weight[0, 0] += 1
-    diffs = hf.model_identity(a, _Tok()).mismatches(hf.model_identity(b, _Tok()))
+    diffs = hf.model_identity(a, tokenizer=_Tok()).mismatches(hf.model_identity(b, tokenizer=_Tok()))
     assert [d.split(":")[0] for d in diffs] == ["weights_hash"]
 
 
@@ -73,7 +73,7 @@ def smol():
     from cachecard.testing import smollm2  # the offline SmolLM2 and the pydoc corpus
 
     model, tok = smollm2.load()
-    hf.bind(model, hf.model_identity(model, tok, gguf=smollm2.gguf_path()))
+    hf.bind(model, hf.model_identity(model, tokenizer=tok, gguf=smollm2.gguf_path()))
     return model, tok, smollm2
 
 
@@ -151,7 +151,7 @@ def test_calibrate_measures_every_layer():
 def _saved(tmp_path, model, ids, name="c", codec="lossless"):
     with torch.no_grad():
         cache = model(torch.as_tensor([ids]), use_cache=True).past_key_values
-    ident = hf.bind(model, hf.model_identity(model, _Tok()))
+    ident = hf.bind(model, hf.model_identity(model, tokenizer=_Tok()))
     cachecard.write_card(tmp_path / name, hf.to_canonical(cache), ids, ident, codec=codec, chunk_tokens=16)
     return cachecard.open_card(tmp_path / name)
 
@@ -190,7 +190,7 @@ def test_restore_refuses_another_text_and_another_model(tmp_path):
     other = tiny_model("llama")
     with torch.no_grad():
         other.model.layers[1].mlp.up_proj.weight[0, 0] += 1
-    hf.bind(other, hf.model_identity(other, _Tok()))
+    hf.bind(other, hf.model_identity(other, tokenizer=_Tok()))
     with pytest.raises(cachecard.IdentityMismatchError, match="weights_hash"):
         hf.restore(card, other, input_ids=list(range(1, 30)))
 
@@ -199,16 +199,16 @@ def test_restore_needs_a_bound_identity(tmp_path):
     model = tiny_model("llama")
     card = _saved(tmp_path, model, list(range(1, 21)))
     fresh = tiny_model("llama")  # same weights, but nobody told the adapter its identity
-    with pytest.raises(TypeError, match="hf.bind"):
+    with pytest.raises(TypeError, match="tokenizer="):
         hf.restore(card, fresh)
-    assert hf.restore(card, fresh, identity=hf.model_identity(fresh, _Tok())).get_seq_length() == 20
+    assert hf.restore(card, fresh, identity=hf.model_identity(fresh, tokenizer=_Tok())).get_seq_length() == 20
 
 
 def test_restore_to_other_dtype_casts_and_continues(tmp_path):
     model = tiny_model("llama")
     card = _saved(tmp_path, model, list(range(1, 33)))  # a float32 card
     half = tiny_model("llama").to(torch.bfloat16)
-    hf.bind(half, hf.model_identity(half, _Tok()).model_copy(
+    hf.bind(half, hf.model_identity(half, tokenizer=_Tok()).model_copy(
         update={"weights_hash": card.manifest.model.weights_hash}))  # same weights, other precision
     cache = hf.restore(card, half, input_ids=list(range(1, 40)))
     assert cache.layers[0].keys.dtype == torch.bfloat16 and cache.get_seq_length() == 32
@@ -241,7 +241,7 @@ def test_sliding_window_layers(tmp_path):
                                    use_sliding_window=True, sliding_window=8, max_window_layers=1,
                                    layer_types=["full_attention", "sliding_attention"])
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    ident = hf.bind(model, hf.model_identity(model, _Tok()))
+    ident = hf.bind(model, hf.model_identity(model, tokenizer=_Tok()))
     assert [k.attention for k in ident.layer_kinds] == ["full", "sliding"] and ident.layer_kinds[1].window == 8
     ids = list(range(3, 40))
     with torch.no_grad():
@@ -279,7 +279,7 @@ def test_device_read_equals_host_read(tmp_path, preset, dtype):
 def test_restore_from_store_across_a_shared_prefix(tmp_path, codec):
     """Agent b's card is a child of agent a's (shared prefix stored once); its restore joins both."""
     model = tiny_model("llama", hidden_size=64, num_attention_heads=2)  # head_dim 32: a q8_0 block
-    ident = hf.bind(model, hf.model_identity(model, _Tok()))
+    ident = hf.bind(model, hf.model_identity(model, tokenizer=_Tok()))
     store = cachecard.Store(tmp_path / "s", block_tokens=16)
     rng = np.random.default_rng(5)
     a = rng.integers(1, 128, 40).tolist()
@@ -327,7 +327,7 @@ def test_device_read_refuses_a_damaged_card(tmp_path, damage):
 
 def test_restore_refuses_a_child_card_on_its_own(tmp_path):
     model = tiny_model("llama", hidden_size=64, num_attention_heads=2)
-    ident = hf.bind(model, hf.model_identity(model, _Tok()))
+    ident = hf.bind(model, hf.model_identity(model, tokenizer=_Tok()))
     store = cachecard.Store(tmp_path / "s", block_tokens=16)
     a = list(range(1, 41))
     for ids in (a, a[:32] + [5] * 10):
@@ -335,12 +335,41 @@ def test_restore_refuses_a_child_card_on_its_own(tmp_path):
             kv = hf.to_canonical(model(torch.as_tensor([ids]), use_cache=True).past_key_values)
         child = store.put(kv, ids, ident, agent="x")
     (parent, _), (card, _) = store.parts(child)
-    with pytest.raises(cachecard.KVShapeError, match="restore_from_store"):
+    with pytest.raises(cachecard.KVShapeError, match="through its store"):
         hf.restore(card, model)
-    with pytest.raises(cachecard.KVShapeError, match="restore_from_store"):
+    with pytest.raises(cachecard.KVShapeError, match="through its store"):
         hf.restore_batch([card], model, [a], pad_token_id=0)
     with pytest.raises(IndexError, match="holds 40 tokens"):
         from cachecard.adapters.torch_read import read_layers
 
         read_layers(parent, 41, device="cpu", dtype=torch.float32)
     store.close()
+
+
+# -- one call each way (issue 17) --------------------------------------------------------------------------------
+def test_load_with_only_the_new_tokens_is_a_cachecard_error_not_a_reshape_error(tmp_path):
+    model = tiny_model("llama")
+    ids = torch.tensor([list(range(1, 21))])
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    hf.save(tmp_path / "c", model, cache, ids, tokenizer=_Tok())
+    with pytest.raises(cachecard.KVShapeError, match="Pass the whole prompt, the card's 20 tokens first"):
+        hf.load(tmp_path / "c", model, [77, 78])  # mlx-lm's habit: only what follows the cache
+
+
+def test_a_model_of_unknown_origin_is_told_how_to_write_portable_cards(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+    with pytest.raises(cachecard.errors.MissingIdentityError, match="gguf=PATH: cards every runtime restores"):
+        hf.save(tmp_path / "c", model, cache, [1, 2, 3])
+    assert hf.source_gguf(model) is None  # not loaded from a GGUF file
+
+
+def test_generate_output_ids_are_accepted_by_save(tmp_path):
+    """generate's sequences end with a token its cache does not hold yet: save takes them as they are."""
+    model = tiny_model("llama")
+    out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    hf.save(tmp_path / "c", model, out.past_key_values, out.sequences, tokenizer=_Tok())
+    assert cachecard.open_card(tmp_path / "c").token_ids().tolist() == out.sequences[0, :-1].tolist()

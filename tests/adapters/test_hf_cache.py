@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 import cachecard  # noqa: E402
 from cachecard.adapters import hf  # noqa: E402
 from cachecard.adapters.hf_cache import HeadroomLayer, Slot  # noqa: E402
-from cachecard.testing.tiny import TinyTokenizer, tiny_hf_model  # noqa: E402
+from cachecard.testing.tiny import hf_llama, word_tokenizer  # noqa: E402
 
 
 def _greedy(model, ids, past=None, steps=12):
@@ -22,8 +22,8 @@ def _greedy(model, ids, past=None, steps=12):
 
 @pytest.fixture
 def saved(tmp_path):
-    model = tiny_hf_model("llama")
-    hf.bind(model, hf.model_identity(model, TinyTokenizer()))
+    model = hf_llama()
+    hf.bind(model, hf.model_identity(model, tokenizer=word_tokenizer()))
     ids = np.random.default_rng(3).integers(1, 128, 60).tolist()
     with torch.no_grad():
         kv = hf.to_canonical(model(torch.as_tensor([ids]), use_cache=True).past_key_values)
@@ -108,4 +108,4 @@ def test_slot_refuses_what_it_cannot_hold(saved):
     with pytest.raises(ValueError, match="holds 32 tokens"):
         hf.restore(card, model, slot=slot)
     with pytest.raises(ValueError, match="another model"):
-        hf.restore(card, tiny_hf_model("llama"), identity=hf.identity_of(model), slot=slot)
+        hf.restore(card, hf_llama(), identity=hf.identity_of(model), slot=slot)

@@ -17,7 +17,7 @@ from cachecard.errors import UnsupportedStateError
 llamacpp = pytest.importorskip("cachecard.adapters.llamacpp", exc_type=ImportError)
 
 from cachecard.adapters.llamacpp import (  # noqa: E402
-    CacheLayout, from_canonical, neox_to_norm, norm_to_neox, to_canonical, to_state,
+    CacheLayout, from_canonical, neox_to_norm, norm_to_neox, state_to_canonical, to_state,
 )
 from cachecard.kv import CanonicalKV  # noqa: E402
 from cachecard.manifest import LayerKind, ModelIdentity, Rope  # noqa: E402
@@ -53,7 +53,7 @@ def test_synthesised_state_parses_and_reserialises_exactly(k_type: str, v_type: 
 
 
 def test_layout_offsets_match_the_documented_struct() -> None:
-    """Hand-check one f16, v_trans state against kv-stores.md §3.2."""
+    """Hand-check one f16, v_trans state against the layout in cachecard.adapters.ggsq's docstring."""
     kv = random_kv(2)
     data = from_canonical(kv, layout=CacheLayout("f16", "f16", True), seq_id=0)
     magic, seq, n_stream, cells = struct.unpack_from("<IiII", data, 0)
@@ -80,7 +80,7 @@ def test_plain_types_round_trip_canonical_exactly(k_type: str, v_type: str, v_tr
                      kv.v.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype))
     order = llamacpp.k_order(identity(arch))
     data = from_canonical(kv, layout=CacheLayout(k_type, v_type, v_trans), order=order)
-    back = to_canonical(ggsq.parse_seq_state(data), identity(arch))
+    back = state_to_canonical(ggsq.parse_seq_state(data), identity(arch))
     assert back.equal(kv)
 
 
@@ -88,7 +88,7 @@ def test_plain_types_round_trip_canonical_exactly(k_type: str, v_type: str, v_tr
 def test_block_types_dequantize_with_the_codecs_and_requantize_to_the_same_bytes(qtype: str) -> None:
     data = from_canonical(random_kv(6, "float32"), layout=CacheLayout(qtype, qtype, False))
     state = ggsq.parse_seq_state(data)
-    kv = to_canonical(state, identity())
+    kv = state_to_canonical(state, identity())
     assert kv.dtype == "float32"
     # float32 holds a dequantized block exactly, so encoding it again gives llama.cpp's bytes back
     assert from_canonical(kv, layout=CacheLayout(qtype, qtype, False)) == data
@@ -109,14 +109,14 @@ def test_cells_out_of_position_order_are_sorted() -> None:
     st_.positions = st_.positions[perm]
     for rows in st_.k + st_.v:
         rows.data = rows.data[perm]
-    assert to_canonical(ggsq.parse_seq_state(state.to_bytes()), identity()).equal(kv)
+    assert state_to_canonical(ggsq.parse_seq_state(state.to_bytes()), identity()).equal(kv)
 
 
 def test_shapes_that_contradict_the_model_are_refused() -> None:
     data = from_canonical(random_kv(3))
     wrong = identity().model_copy(update={"num_kv_heads": 2})
     with pytest.raises(UnsupportedStateError, match="K rows are"):
-        to_canonical(ggsq.parse_seq_state(data), wrong)
+        state_to_canonical(ggsq.parse_seq_state(data), wrong)
 
 
 def test_unknown_architecture_asks_for_the_k_order() -> None:
@@ -248,7 +248,7 @@ def test_q8_card_blocks_go_in_unchanged(tmp_path, arch: str, dtype: str) -> None
     card = cachecard.open_card(tmp_path / "c")
     layout = CacheLayout("q8_0", "q8_0", False)
     order = llamacpp.k_order(ident)
-    blocks = llamacpp._stored_blocks(card, layout, order)
+    blocks = llamacpp._stored_blocks(card, layout, order, 300)
     assert set(blocks) == ({"k", "v"} if order == "neox" else {"v"})  # NORM K must be re-blocked
     direct = from_canonical(card.read(), layout=layout, order=order, blocks=blocks)
     # the card's blocks are the blocks of the original KV: the same bytes as quantizing it for llama.cpp
@@ -290,7 +290,7 @@ def test_llama_cpp_own_state_reserialises_exactly(llm) -> None:
     state = ggsq.parse_seq_state(data)
     assert state.to_bytes() == data
     assert CacheLayout.of(state) == CacheLayout("f16", "f16", True)  # llama-cpp-python: flash attention off
-    kv = to_canonical(state, llamacpp.model_identity(llm))
+    kv = state_to_canonical(state, llamacpp.model_identity(llm))
     assert (kv.num_layers, kv.num_kv_heads, kv.num_tokens, kv.head_dim, kv.dtype) == (30, 3, 100, 64, "float16")
     # synthesising from canonical KV gives llama.cpp's bytes back
     assert from_canonical(kv, layout=CacheLayout.of(state)) == data
@@ -306,7 +306,7 @@ def test_llama_cpp_q8_0_cache_reserialises_and_restores_exactly() -> None:
     state = ggsq.parse_seq_state(data)
     assert state.to_bytes() == data
     assert CacheLayout.of(state) == CacheLayout("q8_0", "q8_0", False)
-    kv = to_canonical(state, llamacpp.model_identity(llm))
+    kv = state_to_canonical(state, llamacpp.model_identity(llm))
     assert kv.dtype == "float32"  # q8_0 blocks dequantize exactly in float32 ...
     assert from_canonical(kv, layout=CacheLayout.of(state)) == data  # ... and give the same blocks again
     llamacpp.restore_kv(kv, prompt, llm)
@@ -418,7 +418,7 @@ def test_mixed_bf16_and_block_types_decode_to_values() -> None:
 
     kv = random_kv(3, "float32")
     data = from_canonical(kv, layout=CacheLayout("bf16", "q8_0", False), seq_id=0)
-    back = to_canonical(ggsq.parse_seq_state(data), identity())
+    back = state_to_canonical(ggsq.parse_seq_state(data), identity())
     assert back.k.dtype == np.float32
     np.testing.assert_array_equal(back.k, kv.k.astype(ml_dtypes.bfloat16).astype(np.float32))
     assert np.abs(back.v - kv.v).max() < 0.05

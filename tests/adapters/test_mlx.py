@@ -91,7 +91,7 @@ def test_kvcache_card_round_trip_is_bit_exact(tmp_path, dtype):
     assert cache[0].keys.shape[2] == 256  # mlx-lm's preallocated buffer: only `offset` tokens are KV
     ident = identity(model)
     assert ident.kv_dtype == dtype and ident.architecture == "llama" and ident.head_dim == HEAD_DIM
-    mlxa.save(tmp_path / "c", cache, ids, ident)
+    mlxa.save(tmp_path / "c", model, cache, ids, identity=ident)
 
     restored = mlxa.restore(tmp_path / "c", model, identity=ident)
     for a, b in zip(restored, cache, strict=True):
@@ -107,7 +107,7 @@ def test_q4_card_goes_into_quantized_cache_bit_identical(tmp_path, monkeypatch, 
     model = tiny_model(dtype)
     ids = prompt_ids(300)  # two token chunks of the card, two 256-steps of mlx-lm's buffer
     cache = prefill(model, ids)
-    mlxa.save(tmp_path / "c", cache, ids, identity(model), codec="q4" if bits == 4 else "mlx8",
+    mlxa.save(tmp_path / "c", model, cache, ids, identity=identity(model), codec="q4" if bits == 4 else "mlx8",
               chunk_tokens=128)
     theirs = [c.to_quantized(group_size=64, bits=bits) for c in cache]
 
@@ -131,7 +131,7 @@ def test_q4_card_goes_into_quantized_cache_bit_identical(tmp_path, monkeypatch, 
 def test_read_encoded_verifies_checksums(tmp_path):
     model = tiny_model()
     ids = prompt_ids(20)
-    mlxa.save(tmp_path / "c", prefill(model, ids), ids, identity(model), codec="q4")
+    mlxa.save(tmp_path / "c", model, prefill(model, ids), ids, identity=identity(model), codec="q4")
     enc = cachecard.open_card(tmp_path / "c").read_encoded("k")
     assert [(c.layer, c.token_start, c.tokens) for c in enc.chunks] == [(0, 0, 20), (1, 0, 20)]
     shard = next(p for p in (tmp_path / "c").rglob("*") if p.is_file() and "k/c" in p.as_posix())
@@ -141,7 +141,7 @@ def test_read_encoded_verifies_checksums(tmp_path):
     with pytest.raises(cachecard.CorruptCardError, match="crc32c mismatch"):
         cachecard.open_card(tmp_path / "c").read_encoded("k")
     with pytest.raises(cachecard.UnsupportedCodecError, match="use read"):
-        mlxa.save(tmp_path / "z", prefill(model, ids), ids, identity(model), codec="zstd")
+        mlxa.save(tmp_path / "z", model, prefill(model, ids), ids, identity=identity(model), codec="zstd")
         cachecard.open_card(tmp_path / "z").read_encoded("v")
 
 
@@ -151,7 +151,7 @@ def test_other_codecs_are_dequantized_within_their_bound(tmp_path, preset):
     ids = prompt_ids(40)
     cache = prefill(model, ids)
     exact = mlxa.to_canonical(cache)
-    mlxa.save(tmp_path / "c", cache, ids, identity(model), codec=preset)
+    mlxa.save(tmp_path / "c", model, cache, ids, identity=identity(model), codec=preset)
     # q4 asked as 8-bit is not the stored configuration: decoded, then quantized by mx.quantize
     got = mlxa.restore(tmp_path / "c", model, identity=identity(model), quantized=(64, 8) if preset == "q4" else None)
     kv = mlxa.to_canonical(got)
@@ -183,7 +183,7 @@ def test_to_canonical_refuses_what_is_not_one_plain_sequence():
 def test_identity_mismatch_is_refused(tmp_path):
     model, other = tiny_model(seed=0), tiny_model(seed=1)
     ids = prompt_ids(12)
-    mlxa.save(tmp_path / "c", prefill(model, ids), ids, identity(model))
+    mlxa.save(tmp_path / "c", model, prefill(model, ids), ids, identity=identity(model))
     with pytest.raises(cachecard.IdentityMismatchError, match="weights_hash: card has 'sha256:"):
         mlxa.restore(tmp_path / "c", other, identity=identity(other))
     with pytest.raises(cachecard.IdentityMismatchError, match="weights_hash"):
@@ -199,7 +199,7 @@ def test_restore_continues_generation_exactly(tmp_path):
     ids = prompt_ids(50)
     greedy = make_sampler(temp=0.0)
     ref = [r.token for r in stream_generate(model, tok, prompt=ids, max_tokens=12, sampler=greedy)]
-    mlxa.save(tmp_path / "c", prefill(model, ids[:-1]), ids[:-1], identity(model))
+    mlxa.save(tmp_path / "c", model, prefill(model, ids[:-1]), ids[:-1], identity=identity(model))
 
     cache = mlxa.restore(tmp_path / "c", model, identity=identity(model))
     got = [r.token for r in stream_generate(model, tok, prompt=ids[-1:], max_tokens=12, sampler=greedy,
@@ -216,7 +216,7 @@ def test_quantized_restore_continues_like_mlx_lm_quantized_cache(tmp_path):
     ids = prompt_ids(50)
     greedy = make_sampler(temp=0.0)
     cache = prefill(model, ids[:-1])
-    mlxa.save(tmp_path / "c", cache, ids[:-1], identity(model), codec="q4")
+    mlxa.save(tmp_path / "c", model, cache, ids[:-1], identity=identity(model), codec="q4")
     theirs = [c.to_quantized(group_size=64, bits=4) for c in cache]
     ours = mlxa.restore(tmp_path / "c", model, identity=identity(model), quantized=(64, 4))
 
@@ -307,8 +307,8 @@ def test_smollm2_lossless_continuation_and_q4_injection(tmp_path, smol):
     ids = smol_prompt(tok, 200)
     greedy = make_sampler(temp=0.0)
     cache = prefill(model, ids[:-1])
-    mlxa.save(tmp_path / "c", cache, ids[:-1], ident)
-    mlxa.save(tmp_path / "q", cache, ids[:-1], ident, codec="q4")
+    mlxa.save(tmp_path / "c", model, cache, ids[:-1], identity=ident)
+    mlxa.save(tmp_path / "q", model, cache, ids[:-1], identity=ident, codec="q4")
 
     def run(pc):
         return [r.token for r in stream_generate(model, tok, prompt=ids[-1:], max_tokens=16, sampler=greedy,
@@ -355,7 +355,7 @@ def test_smollm2_cross_runtime_transformers_and_mlx(tmp_path, smol):
         hf_cache = hf_model(torch.tensor([ids[:-1]]), use_cache=True).past_key_values
     cachecard.write_card(tmp_path / "from_hf", hf.to_canonical(hf_cache), ids[:-1], hf_ident, runtime=hf.RUNTIME)
     mlx_cache = prefill(model, ids[:-1])
-    mlxa.save(tmp_path / "from_mlx", mlx_cache, ids[:-1], ident)
+    mlxa.save(tmp_path / "from_mlx", model, mlx_cache, ids[:-1], identity=ident)
 
     hf_own = hf_continue(hf.from_canonical(cachecard.read_card(tmp_path / "from_hf")))
     mlx_own = mlx_continue(mlxa.restore(tmp_path / "from_mlx", model, identity=ident))
@@ -367,3 +367,19 @@ def test_smollm2_cross_runtime_transformers_and_mlx(tmp_path, smol):
     assert mlx_from_hf == mlx_own
     assert hf_from_mlx == hf_own
     assert hf_own == mlx_own
+
+
+# -- identities that travel (issue 17, item 2) ------------------------------------------------------------------
+def test_a_card_bound_to_a_gguf_is_refused_with_the_gguf_advice_and_allow_works(tmp_path):
+    """A card written elsewhere with a GGUF identity, restored into a model nothing is known about: the
+    refusal says how to make them agree (gguf=), and allow= (which every restore takes) lets it in."""
+    model = tiny_model()
+    ids = prompt_ids(20)
+    theirs = identity(model).model_copy(update={"weights_hash": "gguf-sha256:" + "1" * 64,
+                                                "tokenizer_hash": "gguf-sha256:" + "2" * 64})
+    mlxa.save(tmp_path / "c", model, prefill(model, ids), ids, identity=theirs)
+    with pytest.raises(cachecard.IdentityMismatchError, match=r"gguf=PATH"):
+        mlxa.restore(tmp_path / "c", model, quantized=(64, 4))
+    cache = mlxa.restore(tmp_path / "c", model, quantized=(64, 4), allow={"weights_hash"})
+    assert cache[0].offset == 20
+    assert mlxa.load(tmp_path / "c", model, identity=theirs)[0].offset == 20

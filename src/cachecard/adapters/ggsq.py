@@ -1,5 +1,5 @@
-"""llama.cpp's per-sequence KV state, byte for byte (spec/cachecard-1.md §6, "llama.cpp"; the layout is
-written down in shared/research/kv-stores.md §3.2).
+"""llama.cpp's per-sequence KV state, byte for byte (spec/cachecard-1.md §4 canonical layout; the layout
+below is llama.cpp's ``llama_kv_cache::state_write`` in the versions SLOT_VERSIONS names).
 
 Two containers hold the same memory-module bytes:
 

@@ -1,5 +1,7 @@
-"""HuggingFace transformers 5.x adapter: DynamicCache <-> CanonicalKV, and model identity
-(spec/cachecard-1.md §4 canonical layout, §6 identity).
+"""HuggingFace transformers 5.x adapter (spec/cachecard-1.md §4 canonical layout, §6 identity and adapters):
+:func:`save` / :func:`load` in one call each, restore into ``generate`` (one card, a store's prefix, a batch
+of agents), DynamicCache <-> canonical KV, and model identity. The verbs are those of every adapter
+(:class:`cachecard.adapters.protocol.RuntimeAdapter`).
 
 HF caches K after RoPE in rotate-half order, which is the canonical layout, so no permutation is needed.
 """
@@ -7,29 +9,40 @@ HF caches K after RoPE in rotate-half order, which is the canonical layout, so n
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
+from pathlib import Path
+from typing import AbstractSet, Any, Callable, Sequence
 
 import ml_dtypes
 import numpy as np
-import torch
-import transformers
-from transformers import DynamicCache, PreTrainedModel, StaticCache
-from transformers.cache_utils import DynamicLayer
 
-from cachecard.codecs.profiles import SensitivityProfile
-from cachecard.adapters.hf_cache import Slot, dynamic_cache, room
-from cachecard.adapters.torch_read import read_kv, read_layers
-from cachecard.errors import IdentityMismatchError, KVShapeError
-from cachecard.identity import check_identity, gguf_identity, tensors_hash, tokenizer_hash
-from cachecard.kv import CanonicalKV, as_numpy
+from cachecard.adapters._common import missing_extra
+
+try:
+    import torch
+    import transformers
+    from transformers import DynamicCache, PreTrainedModel, StaticCache
+    from transformers.cache_utils import DynamicLayer
+except ImportError as e:
+    raise missing_extra("hf", e) from e
+
+from cachecard.adapters._common import (
+    Identities, cached_ids, check_card_identity, check_gguf_shapes, check_restorable, deprecated_positional,
+    is_store, open_if_location, save_kv, usable_prefix,
+)
+from cachecard.adapters.hf_cache import Slot, restore_parts
+from cachecard.adapters.torch_read import read_layers
+from cachecard.card.locations import Location
 from cachecard.card.reader import Card
+from cachecard.codecs.profiles import SensitivityProfile
+from cachecard.errors import IdentityMismatchError, KVShapeError, MissingIdentityError
+from cachecard.identity import gguf_identity, tensors_hash, tokenizer_hash
+from cachecard.kv import CanonicalKV, as_numpy, token_ids
 from cachecard.kvstore.store import Store
 from cachecard.manifest import LayerKind, ModelIdentity, Rope
 
 RUNTIME = f"transformers {transformers.__version__}"
+_IDENTITIES = Identities()
 
 
 def weights_hash(model: PreTrainedModel) -> str:
@@ -37,18 +50,19 @@ def weights_hash(model: PreTrainedModel) -> str:
     return tensors_hash((name, as_numpy(t)) for name, t in model.state_dict().items())
 
 
-_IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def model_identity(model: PreTrainedModel, tokenizer: object | None = None, *, gguf: str | os.PathLike[str] | None = None,
-                   name: str | None = None, kv_dtype: str | None = None) -> ModelIdentity:
+def model_identity(model: PreTrainedModel, *args: object, tokenizer: object | None = None,
+                   gguf: str | os.PathLike[str] | None = None, name: str | None = None,
+                   kv_dtype: str | None = None) -> ModelIdentity:
     """The identity a card of this model binds to (spec §6).
 
     With ``gguf`` (the file the model was loaded from), the identity is the file's
     (:func:`cachecard.identity.gguf_identity`), shared by every runtime that loads that file; its shapes are
-    checked against the model. Otherwise weights and tokenizer are hashed here (scheme ``sha256``), which
-    takes about a second per GB of weights.
+    checked against the model. Otherwise weights and ``tokenizer`` are hashed here (scheme ``sha256``), which
+    takes about a second per GB of weights; such cards restore only into transformers with these weights.
     """
+    if args:  # tokenizer was positional before 0.2
+        deprecated_positional("hf.model_identity", "the tokenizer", "tokenizer=tok")
+        tokenizer = args[0]
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dtype = kv_dtype or str(model.dtype).removeprefix("torch.")
@@ -58,15 +72,13 @@ def model_identity(model: PreTrainedModel, tokenizer: object | None = None, *, g
                   for t in layer_types)
     if gguf is not None:
         ident = gguf_identity(gguf, kv_dtype=dtype, name=name)
-        ours = (cfg.model_type, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, kinds)
-        theirs = (ident.architecture, ident.num_layers, ident.num_kv_heads, ident.head_dim, ident.layer_kinds)
-        if ours != theirs:
-            names = ("architecture", "num_layers", "num_kv_heads", "head_dim", "layer_kinds")
-            diffs = [f"{n}: model has {a!r}, file has {b!r}" for n, a, b in zip(names, ours, theirs) if a != b]
-            raise IdentityMismatchError(f"the model was not loaded from {gguf}: " + "; ".join(diffs))
+        check_gguf_shapes({"architecture": cfg.model_type, "num_layers": cfg.num_hidden_layers,
+                           "num_kv_heads": cfg.num_key_value_heads, "head_dim": head_dim, "layer_kinds": kinds},
+                          ident, gguf)
         return ident
     if tokenizer is None:
-        raise TypeError("model_identity needs the tokenizer (or gguf=, the file the model was loaded from)")
+        raise MissingIdentityError("model_identity needs tokenizer= (its hash is part of the identity), or "
+                                   "gguf=, the file the model was loaded from")
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     theta = float(rope.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     partial = float(rope.pop("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)))
@@ -79,19 +91,44 @@ def model_identity(model: PreTrainedModel, tokenizer: object | None = None, *, g
     )
 
 
+def source_gguf(model: PreTrainedModel) -> str | None:
+    """The GGUF file a model was loaded from (``from_pretrained(folder, gguf_file=...)``), when it can be
+    told: transformers records that the weights came from a GGUF and the folder, not the file name, so the
+    folder must hold one GGUF file whose shapes are the model's."""
+    quant = getattr(model.config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        return None
+    source = Path(str(getattr(model.config, "name_or_path", "") or ""))
+    candidates = [source] if source.suffix == ".gguf" else sorted(source.glob("*.gguf")) if source.is_dir() else []
+    fitting = []
+    for path in candidates:
+        try:
+            model_identity(model, gguf=path)
+        except (IdentityMismatchError, ValueError, OSError):
+            continue
+        fitting.append(str(path))
+    return fitting[0] if len(fitting) == 1 else None
+
+
 def bind(model: PreTrainedModel, identity: ModelIdentity) -> ModelIdentity:
     """Remember ``identity`` as ``model``'s, so :func:`restore` checks cards against it without rehashing."""
-    _IDENTITIES[model] = identity
-    return identity
+    return _IDENTITIES.put(model, identity)
 
 
-def identity_of(model: PreTrainedModel) -> ModelIdentity:
-    """The identity bound to ``model`` (:func:`bind`), or TypeError saying how to bind one."""
-    try:
-        return _IDENTITIES[model]
-    except KeyError:
-        raise TypeError("no identity is bound to this model: call hf.bind(model, hf.model_identity(model, "
-                        "tokenizer)) once (or pass identity=)") from None
+def identity_of(model: PreTrainedModel, *, tokenizer: object | None = None,
+                gguf: str | os.PathLike[str] | None = None) -> ModelIdentity:
+    """The identity remembered for ``model`` (:func:`bind`, or found before), else the one found now and
+    remembered: the GGUF file's when ``gguf`` is given or the model was loaded from a GGUF file
+    (:func:`source_gguf`), else a hash of the weights and ``tokenizer``. MissingIdentityError (a TypeError)
+    says what to pass when none can be found."""
+    def derive() -> ModelIdentity | None:
+        path = gguf or source_gguf(model)
+        if path is not None:
+            return model_identity(model, gguf=path)
+        return model_identity(model, tokenizer=tokenizer) if tokenizer is not None else None
+
+    return _IDENTITIES.of(model, derive, module="hf")
 
 
 def to_canonical(cache: DynamicCache, *, row: int | None = None) -> CanonicalKV:
@@ -147,21 +184,31 @@ def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config: object | Non
     return cache
 
 
-def restore(card: Card, model: PreTrainedModel, *, input_ids: torch.Tensor | Sequence[int] | None = None,
-            tokens: int | None = None, identity: ModelIdentity | None = None, allow: frozenset[str] = frozenset(),
-            device: str | torch.device | None = None, slot: Slot | None = None) -> DynamicCache | StaticCache:
-    """Restore a card into a DynamicCache for ``model`` (checked against its identity, spec §6).
+def _check_identity(card: Card, model: PreTrainedModel, identity: ModelIdentity | None,
+                    allow: AbstractSet[str]) -> ModelIdentity:
+    ident = identity or identity_of(model)
+    check_card_identity(card, ident, allow=allow, module="hf")
+    return ident
 
-    With ``input_ids`` (the whole prompt: cached prefix + new suffix), the card's token ids must be a prefix
-    of it and the cache holds ``min(card tokens, len(input_ids) - 1)`` tokens, so
-    ``model.generate(input_ids=input_ids, past_key_values=cache)`` continues exactly where the cached
+
+def restore(card: Card | Location, model: PreTrainedModel, *, input_ids: object = None,
+            tokens: int | None = None, identity: ModelIdentity | None = None,
+            allow: AbstractSet[str] = frozenset(), device: str | torch.device | None = None,
+            slot: Slot | None = None) -> DynamicCache | StaticCache:
+    """Restore a card (a :class:`cachecard.Card` or its location) into a DynamicCache for ``model``,
+    checked against its identity (:func:`identity_of`, or ``identity``; fields in ``allow`` are not checked).
+
+    With ``input_ids`` (the whole prompt: cached prefix + new suffix; a list, array or ``(1, T)`` tensor),
+    the card's token ids must start it and the cache holds ``min(card tokens, len(input_ids) - 1)`` tokens,
+    so ``model.generate(input_ids=input_ids, past_key_values=cache)`` continues exactly where the cached
     prefix ends. Quantized cards are decoded on ``device`` (default: the model's). The cache keeps room for
-    ``DEFAULT_HEADROOM`` new tokens, so the next steps do not copy it. With ``slot`` (a
-    :class:`~cachecard.adapters.hf_cache.Slot` of this model), the card is written into the slot's static
-    cache instead, which is returned (``slot.step`` runs the next step as a captured CUDA graph).
+    ``hf_cache.DEFAULT_HEADROOM`` new tokens, so the next steps do not copy it. With ``slot`` (an
+    :class:`~cachecard.adapters.hf_cache.Slot` of this model) the card goes into the slot's static cache,
+    which is returned (``slot.step`` then runs the next step as a captured CUDA graph).
     """
-    check_identity(card.manifest.model, identity or identity_of(model), what=f"card {card.label}", allow=allow)
-    _check_whole(card)
+    card = open_if_location(card)
+    _check_identity(card, model, identity, allow)
+    check_restorable(card, runtime="hf")
     n = card.manifest.tokens.count if tokens is None else tokens
     if input_ids is not None:
         n = min(n, usable_prefix(card, input_ids))
@@ -171,75 +218,78 @@ def restore(card: Card, model: PreTrainedModel, *, input_ids: torch.Tensor | Seq
         raise KVShapeError(f"card {card.label} is pruned (explicit positions); generate() assumes positions "
                            f"0..n-1. Restore it without input_ids and pass position_ids from "
                            f"card.next_position() ({card.next_position()}) yourself.")
-    return _restore_parts([(card, n)], model, device, slot)
+    return restore_parts([(card, n)], model, device=device, dtype=_kv_dtype(model), slot=slot)
 
 
-def restore_from_store(store: Store, model: PreTrainedModel, input_ids: torch.Tensor | Sequence[int], *,
+def restore_from_store(store: Store, model: PreTrainedModel, input_ids: object, *,
                        agent: str | None = None, identity: ModelIdentity | None = None,
-                       allow: frozenset[str] = frozenset(),
-                       device: str | torch.device | None = None,
+                       allow: AbstractSet[str] = frozenset(), device: str | torch.device | None = None,
                        slot: Slot | None = None) -> tuple[DynamicCache | StaticCache | None, int]:
     """The longest cached prefix of a prompt from ``store`` (``agent``'s cards only, if given) as a
     DynamicCache (or in ``slot``'s static cache), and its length (``(None, 0)`` when nothing matches). At least
     one prompt token is left uncached, so ``model.generate(input_ids=input_ids, past_key_values=cache)`` works
     as it is."""
-    ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids).reshape(-1)
+    ids = token_ids(input_ids)
     ident = identity or identity_of(model)
     match = store.match(ids[:-1], ident, agent=agent)
     if match is None or match.tokens == 0:
         return None, 0
     parts = store.parts(match)
     for card, _ in parts:
-        check_identity(card.manifest.model, ident, what=f"card {card.label}", allow=allow)
-    return _restore_parts(parts, model, device, slot), match.tokens
+        check_card_identity(card, ident, allow=allow, module="hf")
+    return restore_parts(parts, model, device=device, dtype=_kv_dtype(model), slot=slot), match.tokens
 
 
-def _restore_parts(parts: list[tuple[Card, int]], model: PreTrainedModel, device: str | torch.device | None,
-                   slot: Slot | None) -> DynamicCache | StaticCache:
-    """Cards (a parent chain, parents first, with how many of their tokens count) read one after the other
-    into one cache's buffers."""
-    total = sum(n for _, n in parts)
-    if slot is not None:
-        if slot.model is not model:
-            raise ValueError("the slot belongs to another model")
-        keys, values = slot.buffers()
-        if total > keys.shape[2]:
-            raise ValueError(f"the slot holds {keys.shape[2]} tokens; the restore needs {total}")
-    else:
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-        k_room, v_room = room(model, total, device=device, dtype=_kv_dtype(model))
-        keys, values = k_room[:, 0], v_room[:, 0]
-    start = 0
-    for card, n in parts:
-        read_kv(card, n, device=keys.device, dtype=keys.dtype,
-                into=(keys[:, :, start:], values[:, :, start:]))
-        start += n
-    if slot is not None:
-        slot.set_length(total)
-        return slot.cache
-    return dynamic_cache(k_room, v_room, total, model.config)
+# -- one call each way ---------------------------------------------------------------------------------------
+def capture(model: PreTrainedModel, cache: DynamicCache, input_ids: object) -> tuple[CanonicalKV, np.ndarray]:
+    """The canonical KV of ``cache`` and the token ids it holds: ``input_ids``, or all of them but the last
+    when the cache is one token short (as after ``generate``)."""
+    kv = to_canonical(cache)
+    layers = model.config.get_text_config().num_hidden_layers
+    if kv.num_layers != layers:
+        raise KVShapeError(f"the cache holds {kv.num_layers} layers; the model has {layers}: not this model's cache")
+    return kv, cached_ids(token_ids(input_ids), kv.num_tokens)
 
 
-def _check_whole(card: Card) -> None:
-    """A card restored on its own must start at position 0: a store's child card holds only the tokens after
-    its parent's."""
-    if card.manifest.parent is not None or card.manifest.start_position:
-        raise KVShapeError(f"card {card.label} continues card {card.manifest.parent.card_id if card.manifest.parent else '?'}"
-                           f" from position {card.manifest.start_position}; restore it through its store "
-                           "(hf.restore_from_store), which joins the chain")
+def save(where: Store | Location, model: PreTrainedModel, cache: DynamicCache, input_ids: object, *,
+         codec: str | tuple[str, str] = "lossless", agent: str | None = None,
+         identity: ModelIdentity | None = None, tokenizer: object | None = None,
+         gguf: str | os.PathLike[str] | None = None, **write_kwargs: Any) -> str:
+    """Save ``cache`` (computed from ``input_ids``) as a card at ``where`` (a path, ``.zip`` or URL), or into
+    a :class:`cachecard.Store` for ``agent``; return the card id.
+
+    The card binds to ``identity``, else to :func:`identity_of` the model (the GGUF file's when the model was
+    loaded from one: every runtime can restore the card). ``write_kwargs`` go to ``write_card`` /
+    ``Store.put`` (``chunk_tokens``, ...).
+    """
+    kv, ids = capture(model, cache, input_ids)
+    ident = identity or identity_of(model, tokenizer=tokenizer, gguf=gguf)
+    return save_kv(where, kv, ids, ident.model_copy(update={"kv_dtype": kv.dtype}), agent=agent,
+                   runtime=RUNTIME, codec=codec, **write_kwargs)
 
 
-def usable_prefix(card: Card, input_ids: torch.Tensor | Sequence[int]) -> int:
-    """How many of the card's tokens a prompt can reuse: its common prefix with ``input_ids``, leaving at
-    least one prompt token to compute (generation needs the last token's logits)."""
-    ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids).reshape(-1)
-    have = card.token_ids()
-    m = min(len(have), len(ids) - 1)
-    diff = np.flatnonzero(have[:m] != ids[:m])
-    if len(diff) and diff[0] == 0:
-        raise KVShapeError(f"card {card.label}'s tokens do not start the prompt (token 0: card {have[0]}, "
-                           f"prompt {ids[0]}); it holds another text")
-    return int(diff[0]) if len(diff) else max(m, 0)
+def load(where: Store | Card | Location, model: PreTrainedModel, input_ids: object = None, *,
+         agent: str | None = None, identity: ModelIdentity | None = None, allow: AbstractSet[str] = frozenset(),
+         tokenizer: object | None = None, gguf: str | os.PathLike[str] | None = None,
+         device: str | torch.device | None = None) -> DynamicCache:
+    """A DynamicCache for ``model`` ready for ``model.generate(input_ids=input_ids, past_key_values=cache)``.
+
+    From a card (a :class:`cachecard.Card` or its location): the whole card, or with ``input_ids`` (the
+    whole prompt, cached tokens first) the part of it the prompt reuses. From a :class:`cachecard.Store`:
+    the longest cached prefix of ``input_ids`` (``agent``'s cards only, if given); an empty cache when
+    nothing matches, so ``generate`` prefills as usual. ``cache.get_seq_length()`` tells how many tokens
+    came from the card or store.
+    """
+    ident = identity or identity_of(model, tokenizer=tokenizer, gguf=gguf)
+    if is_store(where):
+        if input_ids is None:
+            raise TypeError("loading from a store matches a prompt: pass input_ids (the whole prompt)")
+        cache, _ = restore_from_store(where, model, input_ids, agent=agent, identity=ident, allow=allow,
+                                      device=device)
+        return cache if cache is not None else DynamicCache(config=model.config)
+    if agent is not None:
+        raise TypeError("agent= selects an agent's cards in a store; a card location has no agents")
+    return restore(where, model, input_ids=input_ids, identity=ident, allow=allow, device=device)
 
 
 @dataclass
@@ -260,8 +310,8 @@ class BatchRestore:
         return getattr(self, key)
 
 
-def restore_batch(cards: Sequence[Card | None], model: PreTrainedModel, prompts: Sequence[Sequence[int]], *,
-                  pad_token_id: int, identity: ModelIdentity | None = None, allow: frozenset[str] = frozenset(),
+def restore_batch(cards: Sequence[Card | Location | None], model: PreTrainedModel, prompts: Sequence[object], *,
+                  pad_token_id: int, identity: ModelIdentity | None = None, allow: AbstractSet[str] = frozenset(),
                   device: str | torch.device | None = None) -> BatchRestore:
     """Several agents' cards (``None``: nothing cached) and full prompts into one left-padded batch.
 
@@ -271,17 +321,19 @@ def restore_batch(cards: Sequence[Card | None], model: PreTrainedModel, prompts:
     Positions come from the attention mask (generate's own rule for left padding), so each row continues at
     its own length.
     """
+    cards = [open_if_location(c) if c is not None else None for c in cards]
     if len(cards) != len(prompts) or not prompts:
         raise ValueError(f"need one card (or None) per prompt; got {len(cards)} cards and {len(prompts)} prompts")
     ident = identity or identity_of(model)
     for card in cards:
         if card is not None:
-            check_identity(card.manifest.model, ident, what=f"card {card.label}", allow=allow)
-            _check_whole(card)
+            check_card_identity(card, ident, allow=allow, module="hf")
+            check_restorable(card, runtime="hf")
             if card.manifest.positions == "explicit":
                 raise KVShapeError(f"card {card.label} is pruned; batched restore needs cards with implicit positions")
     device = device or next(model.parameters()).device
     dtype = _kv_dtype(model)
+    prompts = [token_ids(p) for p in prompts]
     lengths = [len(p) for p in prompts]
     if min(lengths) < 1:
         raise ValueError("every prompt needs at least one token")
@@ -293,7 +345,7 @@ def restore_batch(cards: Sequence[Card | None], model: PreTrainedModel, prompts:
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, (prompt, pad) in enumerate(zip(prompts, padding)):
-        ids[row, pad:] = torch.as_tensor(list(prompt), dtype=torch.long)
+        ids[row, pad:] = torch.as_tensor(prompt, dtype=torch.long)
         mask[row, pad:] = 1
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

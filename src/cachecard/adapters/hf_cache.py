@@ -20,6 +20,9 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
+from cachecard.adapters.torch_read import read_kv
+from cachecard.card.reader import Card
+
 DEFAULT_HEADROOM = 256  # tokens of room after a restore (mlx-lm grows its cache in steps of 256 too)
 
 
@@ -128,6 +131,31 @@ class Slot:
         return out.logits[:, -1]
 
 
+def restore_parts(parts: list[tuple[Card, int]], model: Any, *, device: str | torch.device | None,
+                  dtype: torch.dtype, slot: Slot | None = None) -> DynamicCache | StaticCache:
+    """Cards (a parent chain, parents first, each with how many of its tokens count) read one after the other
+    into one cache's buffers: a headroom DynamicCache, or ``slot``'s static cache."""
+    total = sum(n for _, n in parts)
+    if slot is not None:
+        if slot.model is not model:
+            raise ValueError("the slot belongs to another model")
+        keys, values = slot.buffers()
+        if total > keys.shape[2]:
+            raise ValueError(f"the slot holds {keys.shape[2]} tokens; the restore needs {total}")
+    else:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        k_room, v_room = room(model, total, device=device, dtype=dtype)
+        keys, values = k_room[:, 0], v_room[:, 0]
+    start = 0
+    for card, n in parts:
+        read_kv(card, n, device=keys.device, dtype=keys.dtype, into=(keys[:, :, start:], values[:, :, start:]))
+        start += n
+    if slot is not None:
+        slot.set_length(total)
+        return slot.cache
+    return dynamic_cache(k_room, v_room, total, model.config)
+
+
 def _adopt(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Give a transformers ``StaticLayer`` our buffers (what its ``lazy_initialization`` would allocate)."""
     layer.lazy_initialization(keys[:, :, :1], values[:, :, :1])  # sets dtype, device, heads, cumulative length
@@ -137,4 +165,4 @@ def _adopt(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
         torch._dynamo.mark_static_address(values)
 
 
-__all__ = ["DEFAULT_HEADROOM", "HeadroomLayer", "Slot", "dynamic_cache", "room"]
+__all__ = ["DEFAULT_HEADROOM", "HeadroomLayer", "Slot", "dynamic_cache", "restore_parts", "room"]

@@ -19,26 +19,41 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import AbstractSet, Any, Literal, Sequence
 
-import llama_cpp
 import ml_dtypes
 import numpy as np
 
+from cachecard.adapters._common import missing_extra
+
+try:
+    import llama_cpp
+except ImportError as e:
+    raise missing_extra("llamacpp", e) from e
+
 from cachecard.adapters import ggsq
+from cachecard.adapters._common import (
+    Identities, cached_ids, check_card_identity, check_restorable, is_store, open_if_location, save_kv,
+    usable_prefix,
+)
 from cachecard.adapters.ggsq import GGML_TYPES, TYPE_IDS, LayerRows, SeqState, StreamState
+from cachecard.card.locations import Location
+from cachecard.card.reader import Card
 from cachecard.codecs.base import NO_CONTEXT, KVCodec
 from cachecard.codecs.q4_0 import Q4_0Codec
 from cachecard.codecs.q4_1 import Q4_1Codec
 from cachecard.codecs.q8_0 import Q8_0Codec
 from cachecard.errors import KVShapeError, UnsupportedCodecError, UnsupportedStateError
-from cachecard.identity import check_identity, gguf_identity
-from cachecard.kv import CanonicalKV
+from cachecard.identity import gguf_identity
+from cachecard.kv import CanonicalKV, token_ids
+from cachecard.kvstore.store import Store
 from cachecard.manifest import ModelIdentity
 
 RUNTIME = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+_IDENTITIES = Identities()
 
 KOrder = Literal["norm", "neox"]
 
@@ -71,9 +86,22 @@ def k_order(identity: ModelIdentity) -> KOrder:
                                 "pass k_order='norm' (GGUF Q/K rows permuted, as for llama) or 'neox'")
 
 
-def model_identity(llm: llama_cpp.Llama, *, kv_dtype: str = "float16", name: str | None = None) -> ModelIdentity:
-    """The identity of the GGUF the Llama was loaded from (the same one transformers and MLX give it)."""
-    return gguf_identity(llm.model_path, kv_dtype=kv_dtype, name=name)
+def model_identity(llm: llama_cpp.Llama, *, tokenizer: Any = None, gguf: str | os.PathLike[str] | None = None,
+                   name: str | None = None, kv_dtype: str | None = None) -> ModelIdentity:
+    """The identity of the GGUF the Llama was loaded from (``gguf``, default ``llm.model_path``): the same one
+    transformers and MLX give it. ``tokenizer`` is not needed (the GGUF holds the tokenizer) and is ignored."""
+    return gguf_identity(gguf if gguf is not None else llm.model_path, kv_dtype=kv_dtype or "float16", name=name)
+
+
+def bind(llm: llama_cpp.Llama, identity: ModelIdentity) -> ModelIdentity:
+    """Remember ``identity`` as the Llama's (instead of its GGUF file's)."""
+    return _IDENTITIES.put(llm, identity)
+
+
+def identity_of(llm: llama_cpp.Llama, *, tokenizer: Any = None,
+                gguf: str | os.PathLike[str] | None = None) -> ModelIdentity:
+    """The identity remembered for the Llama, else its GGUF file's (:func:`model_identity`), remembered."""
+    return _IDENTITIES.of(llm, lambda: model_identity(llm, gguf=gguf), module="llamacpp")
 
 
 # -- bytes <-> canonical --------------------------------------------------------------------------------------
@@ -104,7 +132,23 @@ def neox_to_norm(k: np.ndarray) -> np.ndarray:
     return np.stack([k[..., : d // 2], k[..., d // 2:]], axis=-1).reshape(k.shape)
 
 
-def to_canonical(state: SeqState, identity: ModelIdentity, *, order: KOrder | None = None) -> CanonicalKV:
+def to_canonical(cache: llama_cpp.Llama | SeqState, identity: ModelIdentity | None = None, *,
+                 order: KOrder | None = None) -> CanonicalKV:
+    """The canonical KV of a Llama's cache (its sequence 0; :func:`capture` gives the token ids too).
+
+    Before 0.2 this took a parsed :class:`SeqState` and the model identity; that form still works until
+    0.3, with a DeprecationWarning: use :func:`state_to_canonical`.
+    """
+    if isinstance(cache, SeqState):
+        warnings.warn("llamacpp.to_canonical(state, identity) is deprecated and stops working in 0.3; use "
+                      "llamacpp.state_to_canonical(state, identity)", DeprecationWarning, stacklevel=2)
+        if identity is None:
+            raise TypeError("state_to_canonical needs the model identity")
+        return state_to_canonical(cache, identity, order=order)
+    return capture(cache, order=order)[0]
+
+
+def state_to_canonical(state: SeqState, identity: ModelIdentity, *, order: KOrder | None = None) -> CanonicalKV:
     """The canonical KV of a parsed sequence state, tokens in position order.
 
     Raises
@@ -264,15 +308,29 @@ def cache_layout(llm: llama_cpp.Llama) -> CacheLayout:
     return layout
 
 
-def capture(llm: llama_cpp.Llama, seq_id: int = 0, *, order: KOrder | None = None,
-            tokens: Sequence[int] | np.ndarray | None = None) -> tuple[CanonicalKV, np.ndarray]:
-    """The canonical KV and token ids of the Llama's evaluated tokens (sequence ``seq_id``). The Llama's
-    bookkeeping knows the token ids of sequence 0 only: other sequences need ``tokens``."""
-    if seq_id != 0 and tokens is None:
-        raise ValueError(f"llama-cpp-python tracks the token ids of sequence 0 only; pass tokens= for sequence "
+def capture(llm: llama_cpp.Llama, cache: Any = None, input_ids: Any = None, *, seq_id: int = 0,
+            order: KOrder | None = None, tokens: Any = None) -> tuple[CanonicalKV, np.ndarray]:
+    """The canonical KV and token ids of the Llama's evaluated tokens (sequence ``seq_id``).
+
+    The Llama holds its own cache: ``cache`` is ``None`` or the Llama itself. The Llama's bookkeeping knows
+    the token ids of sequence 0 only: other sequences need ``input_ids``. (``capture(llm, seq_id)`` with
+    the sequence id second, and ``tokens=``, are the forms before 0.2: deprecated, gone in 0.3.)
+    """
+    if isinstance(cache, int) and not isinstance(cache, bool):
+        warnings.warn("llamacpp.capture(llm, seq_id) is deprecated and stops working in 0.3; pass seq_id=",
+                      DeprecationWarning, stacklevel=2)
+        seq_id = cache
+    elif cache is not None and cache is not llm:
+        raise TypeError(f"a Llama holds its own cache: pass cache=None (or the Llama); got {type(cache).__name__}")
+    if tokens is not None:
+        warnings.warn("llamacpp.capture(..., tokens=) is deprecated and stops working in 0.3; pass input_ids=",
+                      DeprecationWarning, stacklevel=2)
+        input_ids = tokens
+    if seq_id != 0 and input_ids is None:
+        raise ValueError(f"llama-cpp-python tracks the token ids of sequence 0 only; pass input_ids= for sequence "
                          f"{seq_id} (a card binds KV to its exact token ids)")
     state = ggsq.parse_seq_state(get_seq_state(llm, seq_id))
-    kv = to_canonical(state, model_identity(llm), order=order)
+    kv = state_to_canonical(state, model_identity(llm), order=order)
     positions = np.sort(state.stream().positions)
     if not np.array_equal(positions, np.arange(len(positions))):
         raise UnsupportedStateError(f"sequence {seq_id} holds positions {positions[:3]}...{positions[-3:]}, not "
@@ -280,49 +338,88 @@ def capture(llm: llama_cpp.Llama, seq_id: int = 0, *, order: KOrder | None = Non
     if seq_id == 0 and len(positions) != llm.n_tokens:
         raise UnsupportedStateError(f"the cache holds {len(positions)} cells but the Llama counts {llm.n_tokens} "
                                     "tokens; evaluate with llm.eval(...) so both agree")
-    ids = np.asarray(llm.input_ids[:len(positions)] if tokens is None else tokens, np.int32)
-    if len(ids) != len(positions):
-        raise KVShapeError(f"sequence {seq_id} holds {len(positions)} tokens; got {len(ids)} token ids")
-    return kv, ids
+    if input_ids is None:
+        return kv, np.asarray(llm.input_ids[:len(positions)], np.int32)
+    return kv, cached_ids(token_ids(input_ids), len(positions)).astype(np.int32)
 
 
-def restore(card: object, llm: llama_cpp.Llama, *, seq_id: int = 0,
-            allow: frozenset[str] | set[str] = frozenset(), order: KOrder | None = None) -> int:
+def restore(card: Card | Location, llm: llama_cpp.Llama, *, input_ids: Any = None, tokens: int | None = None,
+            identity: ModelIdentity | None = None, allow: AbstractSet[str] = frozenset(), seq_id: int = 0,
+            order: KOrder | None = None) -> int:
     """Restore a card (a :class:`cachecard.Card` or its location) into the Llama and return the token count.
 
-    After it, ``llm.generate(tokens + more)`` / ``create_completion`` continue after the restored prefix
-    (llama-cpp-python replays the last token to get its logits).
+    After it, ``llm.generate(prompt)`` / ``create_completion`` continue after the restored prefix
+    (llama-cpp-python reuses the longest common prefix of the prompt and the restored tokens, and replays
+    the last token to get its logits). With ``input_ids`` (the whole prompt) only the part of the card the
+    prompt reuses is restored; ``tokens`` restores the first ``tokens`` tokens.
 
     Raises
     ------
     IdentityMismatchError
-        The card was made by another model (GGUF weights, tokenizer or shapes differ).
+        The card was made by another model (GGUF weights, tokenizer or shapes differ), except for the fields
+        named in ``allow``.
     """
-    from cachecard import open_card
-    from cachecard.card.reader import Card
-
-    if not isinstance(card, Card):
-        card = open_card(card)  # type: ignore[arg-type]
-    m = card.manifest
-    if m.parent is not None:
-        raise KVShapeError(f"card {m.card_id} continues another card; load the chain with Store.load(...) and "
-                           "call restore_kv(kv, tokens, llm)", card=card.label)
-    identity = model_identity(llm)
-    check_identity(m.model, identity, allow=allow)
+    card = open_if_location(card)
+    check_card_identity(card, identity or identity_of(llm), allow=allow, module="llamacpp")
+    check_restorable(card, runtime="llamacpp")
+    n = card.manifest.tokens.count if tokens is None else tokens
+    if input_ids is not None:
+        n = min(n, usable_prefix(card, input_ids))
+    if not 0 < n <= card.manifest.tokens.count:
+        raise ValueError(f"tokens must be in [1, {card.manifest.tokens.count}] for this card; got {n}")
     layout = cache_layout(llm)
-    order_ = order or k_order(identity)
-    blocks = _stored_blocks(card, layout, order_)
-    kv = card.read()
-    return _restore(kv, card.token_ids(), card.positions(), llm, seq_id=seq_id, layout=layout, order=order_,
-                    blocks=blocks)
+    order_ = order or k_order(identity_of(llm))
+    blocks = _stored_blocks(card, layout, order_, n)
+    kv = card.read(tokens=n)
+    return _restore(kv, card.token_ids()[:n], card.positions()[:n], llm, seq_id=seq_id, layout=layout,
+                    order=order_, blocks=blocks)
+
+
+def save(where: Store | Location, llm: llama_cpp.Llama, cache: Any = None, input_ids: Any = None, *,
+         codec: str | tuple[str, str] = "lossless", agent: str | None = None,
+         identity: ModelIdentity | None = None, tokenizer: Any = None, gguf: str | os.PathLike[str] | None = None,
+         seq_id: int = 0, **write_kwargs: Any) -> str:
+    """Save the Llama's cache (sequence ``seq_id``; ``cache`` is ``None`` or the Llama) as a card at ``where``
+    (a path, ``.zip`` or URL), or into a :class:`cachecard.Store` for ``agent``; return the card id. The token
+    ids are the Llama's own (sequence 0) unless ``input_ids`` gives them. The card binds to the GGUF file's
+    identity, so every runtime that loads that file can restore it."""
+    kv, ids = capture(llm, cache, input_ids, seq_id=seq_id)
+    ident = identity or identity_of(llm, gguf=gguf)
+    return save_kv(where, kv, ids, ident.model_copy(update={"kv_dtype": kv.dtype}), agent=agent,
+                   runtime=RUNTIME, codec=codec, **write_kwargs)
+
+
+def load(where: Store | Card | Location, llm: llama_cpp.Llama, input_ids: Any = None, *, agent: str | None = None,
+         identity: ModelIdentity | None = None, allow: AbstractSet[str] = frozenset(), tokenizer: Any = None,
+         gguf: str | os.PathLike[str] | None = None, seq_id: int = 0) -> int:
+    """Restore into the Llama, ready for ``llm.generate(input_ids)`` / ``create_completion``, and return how
+    many tokens came from the card or store (0: nothing matched, generate prefills as usual).
+
+    From a card (a :class:`cachecard.Card` or its location): the whole card, or the part ``input_ids``
+    reuses. From a :class:`cachecard.Store`: the longest cached prefix of ``input_ids`` (``agent``'s cards
+    only, if given), its chain of cards joined."""
+    ident = identity or identity_of(llm, gguf=gguf)
+    if not is_store(where):
+        if agent is not None:
+            raise TypeError("agent= selects an agent's cards in a store; a card location has no agents")
+        return restore(where, llm, input_ids=input_ids, identity=ident, allow=allow, seq_id=seq_id)
+    if input_ids is None:
+        raise TypeError("loading from a store matches a prompt: pass input_ids (the whole prompt)")
+    ids = token_ids(input_ids)
+    match = where.match(ids[:-1], ident, agent=agent)
+    if match is None or match.tokens == 0:
+        return 0
+    for card, _ in where.parts(match):
+        check_card_identity(card, ident, allow=allow, module="llamacpp")
+    return restore_kv(where.load(match), ids[:match.tokens], llm, seq_id=seq_id)
 
 
 def restore_kv(kv: CanonicalKV, tokens: Sequence[int] | np.ndarray, llm: llama_cpp.Llama, *, seq_id: int = 0,
                order: KOrder | None = None) -> int:
     """Restore canonical KV of ``tokens`` (positions 0..n-1) into the Llama; the caller checked identity."""
     n = len(tokens)
-    return _restore(kv, np.asarray(tokens, np.int32), np.arange(n, dtype=np.int32), llm, seq_id=seq_id,
-                    layout=cache_layout(llm), order=order or k_order(model_identity(llm)), blocks=None)
+    return _restore(kv, token_ids(tokens).astype(np.int32), np.arange(n, dtype=np.int32), llm, seq_id=seq_id,
+                    layout=cache_layout(llm), order=order or k_order(identity_of(llm)), blocks=None)
 
 
 def _restore(kv: CanonicalKV, tokens: np.ndarray, positions: np.ndarray, llm: llama_cpp.Llama, *, seq_id: int,
@@ -348,7 +445,7 @@ def _restore(kv: CanonicalKV, tokens: np.ndarray, positions: np.ndarray, llm: ll
 
 
 # -- direct copy of a block-coded card ---------------------------------------------------------------------------
-def _stored_blocks(card: object, layout: CacheLayout, order: KOrder) -> dict[str, np.ndarray] | None:
+def _stored_blocks(card: Card, layout: CacheLayout, order: KOrder, tokens: int) -> dict[str, np.ndarray] | None:
     """Rows of llama.cpp blocks taken straight from the card's stored chunks (``Card.read_encoded``), for K
     and/or V, where the card's chunks are exactly the cache's block type: V when it is not transposed, K when
     it needs no re-ordering (NEOX architectures). ``None`` when nothing can be copied."""
@@ -357,12 +454,12 @@ def _stored_blocks(card: object, layout: CacheLayout, order: KOrder) -> dict[str
         if target not in _BLOCK_CODECS or (which == "k" and order == "norm") or (which == "v" and layout.v_trans):
             continue
         try:
-            enc = card.read_encoded(which)  # type: ignore[attr-defined]
+            enc = card.read_encoded(which, tokens=tokens)
         except UnsupportedCodecError:
             continue  # compressed chunks or a format 1.0 card: decode instead
         if type(enc.codec) is not _BLOCK_CODECS[target]:
             continue
-        out[which] = _block_rows(enc, card.manifest.tokens.count, GGML_TYPES[TYPE_IDS[target]])  # type: ignore
+        out[which] = _block_rows(enc, tokens, GGML_TYPES[TYPE_IDS[target]])
     return out or None
 
 
@@ -373,8 +470,9 @@ def _block_rows(enc: object, tokens: int, t: ggsq.GGMLType) -> np.ndarray:
     layers = 1 + max(ch.layer for ch in enc.chunks)  # type: ignore[attr-defined]
     out = np.empty((layers, tokens, heads * per_token), np.uint8)
     for ch in enc.chunks:  # type: ignore[attr-defined]
-        blocks = ch.payload.reshape(heads, c, per_token)[:, : ch.tokens]
-        out[ch.layer, ch.token_start: ch.token_start + ch.tokens] = blocks.transpose(1, 0, 2).reshape(ch.tokens, -1)
+        keep = min(ch.tokens, tokens - ch.token_start)  # the last chunk may run past the tokens asked for
+        blocks = ch.payload.reshape(heads, c, per_token)[:, :keep]
+        out[ch.layer, ch.token_start: ch.token_start + keep] = blocks.transpose(1, 0, 2).reshape(keep, -1)
     return out
 
 
@@ -398,15 +496,13 @@ def write_slot_file(path: str | os.PathLike[str], state: SeqState, tokens: Seque
     os.replace(tmp, path)
 
 
-def card_to_slot_file(card: object, path: str | os.PathLike[str], llm: llama_cpp.Llama) -> None:
+def card_to_slot_file(card: Card | Location, path: str | os.PathLike[str], llm: llama_cpp.Llama, *,
+                      identity: ModelIdentity | None = None, allow: AbstractSet[str] = frozenset()) -> None:
     """Export a card as a slot file for this Llama's cache layout (no restore happens)."""
-    from cachecard import open_card
-    from cachecard.card.reader import Card
-
-    if not isinstance(card, Card):
-        card = open_card(card)  # type: ignore[arg-type]
-    identity = model_identity(llm)
-    check_identity(card.manifest.model, identity)
+    card = open_if_location(card)
+    identity = identity or identity_of(llm)
+    check_card_identity(card, identity, allow=allow, module="llamacpp")
+    check_restorable(card, runtime="llamacpp")
     state = to_state(card.read(), positions=card.positions(), seq_id=None, layout=cache_layout(llm),
                      order=k_order(identity))
     write_slot_file(path, state, card.token_ids())
@@ -415,6 +511,6 @@ def card_to_slot_file(card: object, path: str | os.PathLike[str], llm: llama_cpp
 def slot_file_to_kv(path: str | os.PathLike[str], llm_or_identity: llama_cpp.Llama | ModelIdentity
                     ) -> tuple[CanonicalKV, np.ndarray]:
     """Import a slot file as canonical KV and its tokens (write a card of them with ``write_card``)."""
-    identity = llm_or_identity if isinstance(llm_or_identity, ModelIdentity) else model_identity(llm_or_identity)
+    identity = llm_or_identity if isinstance(llm_or_identity, ModelIdentity) else identity_of(llm_or_identity)
     state, tokens = read_slot_file(path)
-    return to_canonical(state, identity), tokens
+    return state_to_canonical(state, identity), tokens

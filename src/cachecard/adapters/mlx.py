@@ -14,25 +14,39 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 import ml_dtypes
-import mlx.core as mx
-import mlx_lm
 import numpy as np
-from mlx.utils import tree_flatten
-from mlx_lm.models.cache import ConcatenateKVCache, KVCache, QuantizedKVCache, load_prompt_cache, save_prompt_cache
 
-from cachecard.codecs.mlx_affine import MLXAffineCodec
-from cachecard.errors import IdentityMismatchError, KVShapeError, UnsupportedCodecError
-from cachecard.identity import check_identity, gguf_identity, tensors_hash, tokenizer_hash
-from cachecard.kv import CanonicalKV
-from cachecard.card.reader import Card, open_card
+from cachecard.adapters._common import missing_extra
+
+try:
+    import mlx.core as mx
+    import mlx_lm
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.cache import (
+        ConcatenateKVCache, KVCache, QuantizedKVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache,
+    )
+except ImportError as e:
+    raise missing_extra("mlx", e) from e
+
+from cachecard.adapters._common import (
+    Identities, cached_ids, check_card_identity, check_gguf_shapes, check_restorable, is_store, open_if_location,
+    save_kv, usable_prefix,
+)
 from cachecard.card.locations import Location
+from cachecard.card.reader import Card
 from cachecard.card.writer import write_card
+from cachecard.codecs.mlx_affine import MLXAffineCodec
+from cachecard.errors import KVShapeError, MissingIdentityError, UnsupportedCodecError
+from cachecard.identity import check_identity, gguf_identity, tensors_hash, tokenizer_hash
+from cachecard.kv import CanonicalKV, token_ids
+from cachecard.kvstore.store import Store
 from cachecard.manifest import CardManifest, LayerKind, ModelIdentity, Rope
 
 RUNTIME = f"mlx-lm {mlx_lm.__version__} (mlx {mx.__version__})"
+_IDENTITIES = Identities()
 
 # keys this adapter adds to a prompt-cache file's metadata (mlx-lm metadata is str -> str, and a "." in a key
 # nests it on load: mlx's tree_unflatten splits there)
@@ -100,20 +114,21 @@ def _shape_fields(model: Any) -> dict[str, Any]:
                                              rotary_dim=head_dim, scaling=dict(scaling) if scaling else None))
 
 
-def model_identity(model: Any, *, gguf: str | os.PathLike[str] | None = None, tokenizer: Any = None,
-                   kv_dtype: str | None = None, name: str | None = None) -> ModelIdentity:
+def model_identity(model: Any, *, tokenizer: Any = None, gguf: str | os.PathLike[str] | None = None,
+                   name: str | None = None, kv_dtype: str | None = None) -> ModelIdentity:
     """The identity a card of this mlx-lm model binds to.
 
     Parameters
     ----------
     model
         An mlx-lm model (``mlx_lm.load(...)[0]`` or one built from ``ModelArgs``).
+    tokenizer
+        Needed without ``gguf``: see :func:`tokenizer_hash`. The weights are hashed by :func:`weights_hash`;
+        such cards restore only into mlx-lm with these weights.
     gguf
         The GGUF file the model's weights came from: the identity is then
         :func:`cachecard.identity.gguf_identity` of that file, the same in every runtime, after checking that
         its layers, KV heads, head dim and RoPE theta are the model's.
-    tokenizer
-        Needed without ``gguf``: see :func:`tokenizer_hash`. The weights are hashed by :func:`weights_hash`.
     kv_dtype
         The element type of the KV (default: the model's, see :func:`model_dtype`).
     """
@@ -121,18 +136,31 @@ def model_identity(model: Any, *, gguf: str | os.PathLike[str] | None = None, to
     dtype = kv_dtype or model_dtype(model)
     if gguf is not None:
         ident = gguf_identity(gguf, kv_dtype=dtype, name=name)
-        ours = (fields["num_layers"], fields["num_kv_heads"], fields["head_dim"], fields["rope"].theta)
-        theirs = (ident.num_layers, ident.num_kv_heads, ident.head_dim, ident.rope.theta)
-        if ours != theirs:
-            raise IdentityMismatchError(
-                f"the GGUF {os.fspath(gguf)!r} describes (layers, kv_heads, head_dim, rope_theta) = {theirs}, but "
-                f"the model has {ours}; pass the GGUF this model was converted from")
+        check_gguf_shapes({"num_layers": fields["num_layers"], "num_kv_heads": fields["num_kv_heads"],
+                           "head_dim": fields["head_dim"], "rope_theta": fields["rope"].theta}, ident, gguf)
         return ident
     if tokenizer is None:
-        raise TypeError("model_identity needs tokenizer= (its hash is part of the identity), or gguf= for a "
-                        "model converted from a GGUF file")
+        raise MissingIdentityError("model_identity needs tokenizer= (its hash is part of the identity), or gguf= "
+                                   "for a model converted from a GGUF file")
     return ModelIdentity(name=name or getattr(model, "model_type", None), kv_dtype=dtype,
                          weights_hash=weights_hash(model), tokenizer_hash=tokenizer_hash(tokenizer), **fields)
+
+
+def bind(model: Any, identity: ModelIdentity) -> ModelIdentity:
+    """Remember ``identity`` as ``model``'s (e.g. its GGUF identity), so restores check cards against it."""
+    return _IDENTITIES.put(model, identity)
+
+
+def identity_of(model: Any, *, tokenizer: Any = None, gguf: str | os.PathLike[str] | None = None) -> ModelIdentity:
+    """The identity remembered for ``model`` (:func:`bind`, or found before), else the one ``gguf`` or
+    ``tokenizer`` gives, remembered. mlx-lm loads HF folders, not GGUF files, so an mlx model's cards travel
+    to other runtimes only when ``gguf`` names the file its weights came from."""
+    def derive() -> ModelIdentity | None:
+        if gguf is not None:
+            return model_identity(model, gguf=gguf)
+        return model_identity(model, tokenizer=tokenizer) if tokenizer is not None else None
+
+    return _IDENTITIES.of(model, derive, module="mlx")
 
 
 # -- caches <-> canonical ---------------------------------------------------------------------------------------
@@ -239,18 +267,14 @@ def _direct_quantized(card: Card, spec: tuple[int, int], tokens: int, dtype: str
     return caches
 
 
-def _open(card: Card | Location) -> Card:
-    return card if isinstance(card, Card) else open_card(card)
-
-
 def _check_plain_sequence(card: Card) -> None:
-    m = card.manifest
-    if m.parent is not None or m.positions != "contiguous" or m.start_position != 0:
-        raise KVShapeError(
-            f"card {card.label!r} does not start at position 0 with contiguous positions (parent "
-            f"{m.parent.card_id if m.parent else None}, positions {m.positions!r}, start {m.start_position}); an "
-            "mlx-lm cache's offset is both its length and its next RoPE position. Restore the whole chain "
-            "(e.g. through cachecard.Store) into canonical KV and use from_canonical")
+    """A card restores into an mlx-lm cache only from position 0 with contiguous positions: the cache's
+    ``offset`` is both its length and its next RoPE position."""
+    check_restorable(card, runtime="mlx")
+    if card.manifest.positions != "contiguous":
+        raise KVShapeError(f"the card's positions are {card.manifest.positions!r} (a pruned card); an mlx-lm "
+                           "cache's offset is both its length and its next RoPE position, so it holds only "
+                           "contiguous positions", card=card.label)
 
 
 def cache_from_card(card: Card | Location, *, quantized: tuple[int, int] | None = None,
@@ -259,7 +283,7 @@ def cache_from_card(card: Card | Location, *, quantized: tuple[int, int] | None 
     check (use :func:`restore` to restore into a model). ``quantized=(group_size, bits)`` gives
     ``QuantizedKVCache`` layers, straight from the stored bytes when the card is ``cachecard.mlx_affine`` with
     that group size and bits; otherwise the card is decoded (and quantized by ``mx.quantize`` if asked)."""
-    card = _open(card)
+    card = open_if_location(card)
     _check_plain_sequence(card)
     count = card.manifest.tokens.count
     n = count if tokens is None else tokens
@@ -272,45 +296,123 @@ def cache_from_card(card: Card | Location, *, quantized: tuple[int, int] | None 
     return from_canonical(card.read(tokens=n), quantized=spec, dtype=dtype)
 
 
-def restore(card: Card | Location, model: Any, *, identity: ModelIdentity | None = None,
-            quantized: tuple[int, int] | None = None, tokens: int | None = None) -> PromptCache:
+def _runtime_identity(model: Any, card: Card, identity: ModelIdentity | None) -> tuple[ModelIdentity, set[str]]:
+    """The identity to check a card against, and the fields not to check: ``identity``, the model's
+    remembered one, or (nothing known) its weights, architecture and RoPE with the tokenizer unchecked."""
+    known = identity or _IDENTITIES.get(model)
+    if known is not None:
+        return known, set()
+    return ModelIdentity(kv_dtype=model_dtype(model), weights_hash=weights_hash(model),
+                         tokenizer_hash=card.manifest.model.tokenizer_hash, **_shape_fields(model)), \
+        {"tokenizer_hash"}
+
+
+def restore(card: Card | Location, model: Any, *, input_ids: Any = None, tokens: int | None = None,
+            identity: ModelIdentity | None = None, allow: AbstractSet[str] = frozenset(),
+            quantized: tuple[int, int] | None = None) -> PromptCache:
     """A prompt cache for ``model`` from ``card``, ready for ``generate`` / ``stream_generate(...,
-    prompt_cache=...)`` with the tokens that follow.
+    prompt_cache=...)`` with the tokens that follow it (mlx-lm takes only the tokens after the cache).
 
     Parameters
     ----------
+    input_ids
+        The whole prompt (cached tokens first): the cache then holds the part of the card the prompt reuses,
+        at least one prompt token short of it; pass ``input_ids[cache[0].offset:]`` to ``generate``.
+        Without it, the cache holds the whole card.
+    tokens
+        Restore only the first ``tokens`` tokens.
     identity
-        The model's identity (:func:`model_identity`; with ``gguf=`` for GGUF-sourced weights, so cards from
-        other runtimes restore). The card must match it (:func:`cachecard.identity.check_identity`). Without
-        it the identity is computed from the model's weights, architecture and RoPE, and the tokenizer is
-        not checked.
+        The model's identity (default: :func:`bind`'s or :func:`identity_of`'s; with ``gguf=`` for
+        GGUF-sourced weights, so cards from other runtimes restore). The card must match it, except for the
+        fields named in ``allow``. With no identity known, the card is checked against the model's weights,
+        architecture and RoPE, and the tokenizer is not checked.
     quantized
         ``(group_size, bits)`` for ``QuantizedKVCache`` layers. A card stored as ``cachecard.mlx_affine`` with
         the same group size and bits goes in without dequantizing (bit-identical state); other cards are
         decoded and quantized by ``mx.quantize``.
-    tokens
-        Restore only the first ``tokens`` tokens.
 
     The KV takes the model's element type (``kv_dtype`` differences never block a restore).
     """
-    card = _open(card)
-    runtime = identity
-    allow: set[str] = set()
-    if runtime is None:  # no tokenizer to hash: check everything else
-        runtime = ModelIdentity(kv_dtype=model_dtype(model), weights_hash=weights_hash(model),
-                                tokenizer_hash=card.manifest.model.tokenizer_hash, **_shape_fields(model))
-        allow = {"tokenizer_hash"}
-    check_identity(card.manifest.model, runtime, what=f"card {card.label!r}", allow=allow)
-    return cache_from_card(card, quantized=quantized, tokens=tokens, dtype=model_dtype(model))
+    card = open_if_location(card)
+    runtime, unchecked = _runtime_identity(model, card, identity)
+    check_card_identity(card, runtime, allow={*allow, *unchecked}, module="mlx")
+    n = card.manifest.tokens.count if tokens is None else tokens
+    if input_ids is not None:
+        check_restorable(card, runtime="mlx")
+        n = min(n, usable_prefix(card, input_ids))
+    return cache_from_card(card, quantized=quantized, tokens=n, dtype=model_dtype(model))
 
 
-def save(location: Location, prompt_cache: Sequence[Any], tokens: Sequence[int] | np.ndarray,
-         identity: ModelIdentity, **write_kwargs: Any) -> CardManifest:
-    """Write a prompt cache as a card (``cachecard.write_card`` with ``runtime=RUNTIME``); ``identity`` is
-    the model's, its ``kv_dtype`` set to the cache's element type."""
-    kv = to_canonical(prompt_cache)
-    write_kwargs.setdefault("runtime", RUNTIME)
-    return write_card(location, kv, tokens, identity.model_copy(update={"kv_dtype": kv.dtype}), **write_kwargs)
+def capture(model: Any, cache: Sequence[Any], input_ids: Any) -> tuple[CanonicalKV, np.ndarray]:
+    """The canonical KV of a prompt cache and the token ids it holds (``input_ids``, or all but the last
+    when the cache is one token short)."""
+    kv = to_canonical(cache)
+    if kv.num_layers != _shape_fields(model)["num_layers"]:
+        raise KVShapeError(f"the cache holds {kv.num_layers} layers; the model has "
+                           f"{_shape_fields(model)['num_layers']}: not this model's cache")
+    return kv, cached_ids(token_ids(input_ids), kv.num_tokens)
+
+
+def save(where: Store | Location, model: Any, cache: Any, input_ids: Any = None, *args: Any,
+         codec: str | tuple[str, str] = "lossless", agent: str | None = None,
+         identity: ModelIdentity | None = None, tokenizer: Any = None,
+         gguf: str | os.PathLike[str] | None = None, **write_kwargs: Any) -> str | CardManifest:
+    """Save an mlx-lm prompt cache (computed from ``input_ids``) as a card at ``where`` (a path, ``.zip`` or
+    URL), or into a :class:`cachecard.Store` for ``agent``; return the card id.
+
+    The card binds to ``identity``, else :func:`identity_of` the model (``gguf=`` for cards every runtime
+    restores; ``tokenizer=`` for cards bound to these weights). ``write_kwargs`` go to ``write_card`` /
+    ``Store.put``.
+
+    Before 0.2 this was ``save(location, prompt_cache, tokens, identity, **write_kwargs)`` returning the
+    manifest; that form still works until 0.3, with a DeprecationWarning.
+    """
+    if isinstance(model, (list, tuple)):  # save(location, prompt_cache, tokens, identity, ...) before 0.2
+        import warnings
+
+        warnings.warn("mlx.save(location, prompt_cache, tokens, identity) is deprecated and stops working in 0.3; "
+                      "use mlx.save(location, model, prompt_cache, tokens, identity=identity)",
+                      DeprecationWarning, stacklevel=2)
+        old_identity = input_ids if input_ids is not None else args[0]
+        write_kwargs.setdefault("runtime", RUNTIME)
+        kv = to_canonical(model)
+        return write_card(where, kv, cache, old_identity.model_copy(update={"kv_dtype": kv.dtype}),
+                          codec=codec, **write_kwargs)
+    if input_ids is None:
+        raise TypeError("save needs the token ids the cache was computed from: save(where, model, cache, input_ids)")
+    kv, ids = capture(model, cache, input_ids)
+    ident = identity or identity_of(model, tokenizer=tokenizer, gguf=gguf)
+    return save_kv(where, kv, ids, ident.model_copy(update={"kv_dtype": kv.dtype}), agent=agent,
+                   runtime=RUNTIME, codec=codec, **write_kwargs)
+
+
+def load(where: Store | Card | Location, model: Any, input_ids: Any = None, *, agent: str | None = None,
+         identity: ModelIdentity | None = None, allow: AbstractSet[str] = frozenset(), tokenizer: Any = None,
+         gguf: str | os.PathLike[str] | None = None, quantized: tuple[int, int] | None = None) -> PromptCache:
+    """A prompt cache for ``model``, ready for ``generate(model, tokenizer, new_tokens, prompt_cache=cache)``.
+
+    From a card (a :class:`cachecard.Card` or its location): the whole card, so that, as with mlx-lm's
+    ``load_prompt_cache``, only the new tokens go to ``generate``; with ``input_ids`` (the whole prompt) the
+    part of the card the prompt reuses. From a :class:`cachecard.Store`: the longest cached prefix of
+    ``input_ids`` (``agent``'s cards only, if given), or an empty cache when nothing matches. Either way
+    ``cache[0].offset`` tokens are cached: pass ``input_ids[cache[0].offset:]`` to ``generate``.
+    """
+    if identity is None and (tokenizer is not None or gguf is not None or _IDENTITIES.get(model) is not None):
+        identity = identity_of(model, tokenizer=tokenizer, gguf=gguf)
+    if not is_store(where):
+        if agent is not None:
+            raise TypeError("agent= selects an agent's cards in a store; a card location has no agents")
+        return restore(where, model, input_ids=input_ids, identity=identity, allow=allow, quantized=quantized)
+    if input_ids is None:
+        raise TypeError("loading from a store matches a prompt: pass input_ids (the whole prompt)")
+    ident = identity or identity_of(model)
+    ids = token_ids(input_ids)
+    match = where.match(ids[:-1], ident, agent=agent)
+    if match is None or match.tokens == 0:
+        return make_prompt_cache(model)
+    for card, _ in where.parts(match):
+        check_card_identity(card, ident, allow=allow, module="mlx")
+    return from_canonical(where.load(match), quantized=quantized, dtype=model_dtype(model))
 
 
 # -- mlx-lm prompt-cache files ----------------------------------------------------------------------------------
@@ -328,7 +430,7 @@ def export_prompt_cache(card: Card | Location, path: str | os.PathLike[str], *,
     written as given, plus the card's identity, token ids and id under ``cachecard_*`` keys so the file can
     come back as a card. ``quantized=(group_size, bits)`` writes ``QuantizedKVCache`` state (directly from
     ``cachecard.mlx_affine`` cards of that configuration)."""
-    card = _open(card)
+    card = open_if_location(card)
     meta = dict(metadata or {})
     bad = {k: v for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)}
     if bad:
@@ -367,11 +469,15 @@ def import_prompt_cache(path: str | os.PathLike[str], location: Location, identi
             raise ValueError(f"{os.fspath(path)!r} does not record its token ids (mlx-lm files do not); pass "
                              "tokens= with the ids the cache was computed from")
         tokens = json.loads(metadata[META_TOKENS])
-    manifest = save(location, cache, np.asarray(tokens), identity, **write_kwargs)
+    kv = to_canonical(cache)
+    write_kwargs.setdefault("runtime", RUNTIME)
+    manifest = write_card(location, kv, token_ids(tokens), identity.model_copy(update={"kv_dtype": kv.dtype}),
+                          **write_kwargs)
     return manifest, {k: v for k, v in metadata.items() if k not in _OWN_KEYS}
 
 
 __all__ = [
-    "RUNTIME", "cache_from_card", "export_prompt_cache", "from_canonical", "import_prompt_cache", "model_dtype",
-    "model_identity", "restore", "save", "to_canonical", "to_mlx", "to_numpy", "tokenizer_hash", "weights_hash",
+    "RUNTIME", "bind", "cache_from_card", "capture", "export_prompt_cache", "from_canonical", "identity_of",
+    "import_prompt_cache", "load", "model_dtype", "model_identity", "restore", "save", "to_canonical", "to_mlx",
+    "to_numpy", "tokenizer_hash", "weights_hash",
 ]

@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +20,7 @@ from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore, WrapperStore, ZipStore
 
 from cachecard.card._zarr import open_zip, sync
-from cachecard.errors import CardExistsError, CardNotFoundError
+from cachecard.errors import CardExistsError, CardNotFoundError, NotACardError
 
 ROOT_KEY = "zarr.json"
 Location = str | os.PathLike[str] | Store
@@ -152,8 +153,48 @@ def readable(location: Location, *, storage_options: dict[str, Any] | None = Non
     if not path.exists():
         raise CardNotFoundError("nothing is stored here; check the path", card=str(path))
     if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise NotACardError("a file that is not a zip archive: a card is a directory or a .zip file",
+                                card=str(path))
         return open_zip(path)
     return LocalStore(path, read_only=True)
+
+
+STORE_MARKER = "cachecard-store.json"  # cachecard.kvstore.names.STORE_FILE (tests check they agree)
+
+
+def folder_contents(path: Path) -> tuple[list[str], list[str]]:
+    """Names of the cards (directories with a root ``zarr.json``, zip files) and of the stores directly in a
+    local folder."""
+    children = sorted(path.iterdir())
+    cards = [c.name for c in children if (c / "zarr.json").is_file() or (c.is_file() and zipfile.is_zipfile(c))]
+    return cards, [c.name for c in children if (c / STORE_MARKER).is_file()]
+
+
+def held(path: Path, cards: list[str], stores: list[str]) -> str:
+    """"2 cards (a, b.zip: `cachecard inspect path/a`) and 1 store (...)"."""
+    def some(names: list[str], what: str, command: str) -> list[str]:
+        if not names:
+            return []
+        listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        return [f"{len(names)} {what}{'s' * (len(names) > 1)} ({listed}: `cachecard {command} {path / names[0]}`)"]
+
+    return " and ".join(some(cards, "card", "inspect") + some(stores, "store", "ls"))
+
+
+def describe_folder(path: Path) -> NotACardError | None:
+    """What a local folder without a card's root ``zarr.json`` is, when it is no unfinished card write: a
+    store, a folder of cards or stores, or something else. ``None`` when it holds a card's arrays."""
+    if (path / STORE_MARKER).is_file():
+        return NotACardError(f"this folder is a cachecard store, not a card: list its cards with `cachecard ls "
+                             f"{path}` and inspect one with `cachecard inspect {path} CARD_ID`", card=str(path))
+    if any((path / name).exists() for name in ("k", "v", "tokens")):
+        return None  # a card's arrays without its root: an unfinished write
+    cards, stores = folder_contents(path)
+    if cards or stores:
+        return NotACardError(f"this folder is not a card; it holds {held(path, cards, stores)}", card=str(path))
+    return NotACardError("this folder is not a card: it has no zarr.json and none of a card's arrays "
+                         "(k, v, tokens)", card=str(path))
 
 
 def stored_objects(store: Store) -> dict[str, int]:
@@ -165,4 +206,5 @@ def stored_objects(store: Store) -> dict[str, int]:
     return sync(sizes())
 
 
-__all__ = ["Location", "ROOT_KEY", "describe", "readable", "stored_objects", "writable"]
+__all__ = ["Location", "ROOT_KEY", "describe", "describe_folder", "folder_contents", "held", "readable",
+           "stored_objects", "writable"]

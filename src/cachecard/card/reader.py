@@ -28,7 +28,7 @@ import numpy as np
 import pydantic
 import zarr
 from zarr.abc.store import Store
-from zarr.storage import ZipStore
+from zarr.storage import LocalStore, ZipStore
 
 from cachecard.errors import (
     CacheCardError, CardNotFoundError, CorruptCardError, FormatVersionError, IncompleteCardError, ManifestError,
@@ -38,7 +38,7 @@ from cachecard.kv import NUMPY_DTYPES, CanonicalKV
 from cachecard.card import layout
 from cachecard.card._zarr import SuffixByteRequest, get_bytes, sync, zip_member_size
 from cachecard.card import shard_read
-from cachecard.card.locations import ROOT_KEY, Location, describe, readable, stored_objects
+from cachecard.card.locations import ROOT_KEY, Location, describe, describe_folder, readable, stored_objects
 from cachecard.card.writer import DIGEST_ATTR, MANIFEST_ATTR
 from cachecard.manifest import FORMAT_MAJOR, FORMAT_MINOR, CardManifest, manifest_digest, token_digest
 
@@ -407,6 +407,9 @@ def _read_root(store: Store, label: str) -> dict[str, Any]:
     raw = get_bytes(store, ROOT_KEY)
     if raw is None:
         if sync(_any_key(store)):
+            other = describe_folder(store.root) if isinstance(store, LocalStore) else None
+            if other is not None:  # a store, a folder of cards, ...: not data to delete
+                raise other
             raise IncompleteCardError("card data without a committed manifest: a write that did not finish. "
                                       "It holds nothing usable; delete it (or let gc collect it)", card=label)
         raise CardNotFoundError("nothing is stored here; check the location", card=label)

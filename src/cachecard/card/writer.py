@@ -13,7 +13,7 @@ from cachecard._version import __version__
 from cachecard.card import _zarr, layout
 from cachecard.codecs import pipeline
 from cachecard.errors import KVShapeError
-from cachecard.kv import CanonicalKV
+from cachecard.kv import CanonicalKV, token_ids
 from cachecard.card.shard_write import write_kv_shard
 from cachecard.card.locations import ROOT_KEY, Location, writable
 from cachecard.manifest import (
@@ -132,7 +132,7 @@ def _commit_root(root: Any, manifest: CardManifest) -> None:
 
 
 def _token_array(tokens: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
-    ids = np.asarray(tokens)
+    ids = token_ids(tokens)  # also a (1, T) batch of one, as tokenizers and models return
     if ids.ndim != 1 or len(ids) != n:
         raise KVShapeError(f"need one token id per cached token: KV holds {n} tokens, got ids of shape {ids.shape}.")
     if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() > 2**31 - 1):

@@ -37,7 +37,7 @@ from cachecard.errors import (
     CacheCardError, CardNotFoundError, CorruptCardError, IdentityMismatchError, IncompleteCardError, KVShapeError,
     StoreError,
 )
-from cachecard.kv import CanonicalKV
+from cachecard.kv import CanonicalKV, token_ids
 from cachecard.kvstore import index as ix
 from cachecard.card import layout
 from cachecard.card.reader import Card, open_card
@@ -140,12 +140,20 @@ class Store(StoreScans):
             doc = json.loads(self.fs.cat_file(marker))
         except FileNotFoundError:
             doc = None
+        except NotADirectoryError:
+            raise StoreError(f"{self.root_label!r} is a file; a store is a directory (or a URL prefix). Give a "
+                             "new or empty directory to create one") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise StoreError(f"{marker!r} is not valid JSON ({e}); this is not a cachecard store") from e
         if doc is None:
             if not create:
                 raise StoreError(f"no cachecard store at {self.root_label!r} (no {STORE_FILE}); create it with "
                                  "Store(..., create=True)")
+            if not self.remote and Path(self._base).is_dir() and any(Path(self._base).iterdir()):
+                held = ", ".join(sorted(p.name for p in Path(self._base).iterdir())[:5])
+                raise StoreError(f"{self.root_label!r} holds other data ({held}), not a store: a store takes a new "
+                                 "or empty directory (its cards live under it by id; cards written elsewhere are "
+                                 "not in its index)")
             b = DEFAULT_BLOCK_TOKENS if block_tokens is None else block_tokens
             if not isinstance(b, int) or not 1 <= b <= 1 << 16:
                 raise StoreError(f"block_tokens must be an integer in [1, 65536]; got {b!r}")
@@ -225,7 +233,7 @@ class Store(StoreScans):
         whole sequence is already a card, no data is written and the agent just gains a reference to it.
         """
         check_agent(agent)
-        ids = np.asarray(tokens)
+        ids = token_ids(tokens)  # also a (1, T) batch of one
         if ids.ndim != 1 or len(ids) != kv.num_tokens:
             raise KVShapeError(f"need one token id per cached token: KV holds {kv.num_tokens} tokens, got ids of "
                                f"shape {ids.shape}")
@@ -352,7 +360,7 @@ class Store(StoreScans):
         or ``None``. Matches end on a block boundary (``block_tokens``) or exactly where a card ends."""
         if agent is not None:
             check_agent(agent)
-        ids = np.asarray(tokens)
+        ids = token_ids(tokens)
         if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() > 2**31 - 1)):
             raise KVShapeError("tokens must be a 1-d sequence of token ids in [0, 2**31-1]")
         mkey = ix.model_key(model)

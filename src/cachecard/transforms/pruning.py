@@ -15,7 +15,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from cachecard.errors import KVShapeError
-from cachecard.kv import CanonicalKV
+from cachecard.kv import CanonicalKV, token_ids
 from cachecard.manifest import Pruning, token_digest
 
 Method = Literal["value_norm", "front", "back"]
@@ -55,7 +55,7 @@ def select(kv: CanonicalKV, keep: float, method: Method) -> np.ndarray:
 
 def prune(kv: CanonicalKV, tokens: Sequence[int] | np.ndarray, keep: float, method: Method = "value_norm") -> Pruned:
     """Keep ``keep`` of the tokens of ``kv``, the KV of the whole sequence ``tokens`` (positions from 0)."""
-    ids = np.asarray(tokens)
+    ids = token_ids(tokens)  # also a (1, T) batch of one
     if ids.shape != (kv.num_tokens,):
         raise KVShapeError(f"need one token id per cached token: KV holds {kv.num_tokens}, got {ids.shape}")
     if not kv.num_tokens:
