@@ -3,9 +3,9 @@
 Run: .venv/bin/python bench/store.py   ->  bench/results/store.json
 Ratios against a baseline measured in the same run are the result; absolute times vary with the machine.
 
-- match: an index of 100K cards / 1M blocks is populated *directly* through the store's own index commit
-  (Store._commit_txn: the same records, block and tail entries a put writes) but without writing the cards'
-  KV data, which would take hours on this 2-core machine; latency is Store.match end to end (hashing the
+- match: an index of 100K cards / 1M blocks is populated *directly* through the index interface's commit
+  (``Store.index.commit``: the same records, block and tail entries a put writes) but without writing the
+  cards' KV data, which would take hours on this 2-core machine; latency is Store.match end to end (hashing the
   query's blocks included) over hits and misses.
 - load: a 4K-token card of SmolLM2-135M shape (30 layers, 3 KV heads, head_dim 64, fp16; 94 MB of KV),
   Store.load (card open included, warm page cache) vs np.fromfile of the card's two shard objects.
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cachecard import CanonicalKV, LayerKind, ModelIdentity, Rope, Store
-from cachecard.kvstore import index as ix
+from cachecard.kvstore import CardRecord, IndexEntry, keys_of, model_key
 
 LAYERS, HEADS, DIM = 30, 3, 64
 CARDS, BLOCKS_PER_CARD, BLOCK = 100_000, 10, 64
@@ -46,7 +46,7 @@ def kv_of(n: int, seed: int) -> CanonicalKV:
 
 def bench_match(d: Path) -> dict[str, float | int]:
     ident = identity()
-    mkey = ix.model_key(ident)
+    mkey = model_key(ident)
     rng = np.random.default_rng(0)
     n_tok = BLOCKS_PER_CARD * BLOCK
     seqs = np.empty((CARDS, n_tok), dtype=np.int32)
@@ -54,7 +54,7 @@ def bench_match(d: Path) -> dict[str, float | int]:
     with Store(d / "match", block_tokens=BLOCK, map_size=1 << 30) as st:
         batch = 5000
         for start in range(0, CARDS, batch):
-            rows = []
+            entries = []
             for i in range(start, start + batch):
                 seq = rng.integers(0, 50_000, n_tok, dtype=np.int32)
                 if i and rng.random() < 0.5:  # half the cards continue another card's prefix
@@ -62,17 +62,11 @@ def bench_match(d: Path) -> dict[str, float | int]:
                     k = int(rng.integers(1, BLOCKS_PER_CARD)) * BLOCK
                     seq[:k] = seqs[j, :k]
                 seqs[i] = seq
-                raw = ix.token_bytes(seq)
-                hashes = ix.chain(mkey, raw, BLOCK)
-                rec = {"model": mkey.hex(), "start": 0, "tokens": n_tok, "parent": None, "bytes": 0,
-                       "codecs": ["lossless", "lossless"], "created": time.time()}
-                rows.append((f"{i:032x}", rec, hashes))
-
-            def commit(txn, rows=rows):  # noqa: ANN001
-                for card_id, rec, hashes in rows:
-                    st._commit_txn(txn, card_id, rec, hashes, None, f"agent{int(card_id, 16) % 100}")
-
-            st.index.write(commit)
+                keys = keys_of(mkey, seq, BLOCK)
+                rec = CardRecord(card_id=f"{i:032x}", model=mkey.hex(), start=0, tokens=n_tok, parent=None, bytes=0,
+                                 codecs=("lossless", "lossless"), created=time.time(), tail=keys.tail)
+                entries.append(IndexEntry(rec, keys.hashes, (f"agent{i % 100}",)))
+            st.index.commit(entries)
         populate_s = time.perf_counter() - t0
         stats = st.stats()
         lat = []
@@ -106,13 +100,12 @@ def best(f, repeats: int = 9) -> tuple[float, float]:  # noqa: ANN001
 def bench_load(d: Path) -> dict[str, float]:
     ident = identity()
     kv = kv_of(4096, 1)
-    with Store(d / "load") as st:
+    with Store(d / "load", open_cache=0) as st:  # open the card every time: metadata, token ids, shard indexes
         cid = st.put(kv, np.arange(4096), ident, agent="a")
         loc = Path(st.card_location(cid))
         shards = [loc / w / "c" / "0" / "0" / "0" / "0" for w in ("k", "v")]
 
         def load() -> None:
-            st._cards.clear()  # open the card every time: metadata, token ids, shard indexes
             st.load(cid)
 
         def raw() -> None:
@@ -126,14 +119,15 @@ def bench_load(d: Path) -> dict[str, float]:
         ids = np.arange(100_000, 104_096)
         st.put(CanonicalKV(kv.k[:, :, :3072], kv.v[:, :, :3072]), ids[:3072], ident, agent="b")
         child = st.put(kv, ids, ident, agent="b")
-        chain_best, _ = best(lambda: (st._cards.clear(), st.load(child)))
+        chain_best, _ = best(lambda: st.load(child))
     return {"load_vs_raw": raw_best / load_best, "load_s": load_best, "raw_read_s": raw_best,
             "load_median_s": load_med, "raw_median_s": raw_med, "load_GBps": kv.nbytes / load_best / 1e9,
             "load_chain2_vs_raw": raw_best / chain_best, "load_kv_bytes": kv.nbytes}
 
 
 def store_bytes(st: Store) -> int:
-    return st.stats()["bytes"] + st.index.used_bytes()
+    s = st.stats()
+    return s["bytes"] + s["index_bytes"]
 
 
 def bench_sharing(d: Path) -> dict[str, float]:
@@ -172,7 +166,7 @@ def main() -> None:
         print(json.dumps(out), flush=True)
         out.update(bench_match(d))
     out["note"] = (
-        "match: 100K cards / 1M blocks of 64 tokens indexed directly through Store._commit_txn (index entries "
+        "match: 100K cards / 1M blocks of 64 tokens indexed directly through Store.index.commit (index entries "
         "as a put writes them, no KV data written); p50/p99 of Store.match end to end over 20K queries (3/4 "
         "hits at random cut points, 1/4 misses). load_vs_raw: Store.load of a 4K-token SmolLM2-135M-shape fp16 "
         "card (open included, warm page cache, best of 9) vs np.fromfile of its two shard objects. "

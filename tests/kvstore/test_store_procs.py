@@ -27,11 +27,11 @@ def assert_consistent(store: Store) -> None:
     in the store is indexed, every ref object is an index reference."""
     rep = store.verify()
     assert not rep.failures, rep.failures
-    cards, _, refs = store._scan()
-    committed = {c for c, i in cards.items() if i["committed"]}
+    scan = store.objects.scan()
+    committed = {c for c, i in scan.cards.items() if i.committed}
     indexed = {c.card_id for c in store.cards()}
     assert committed == indexed
-    assert {(a, c.card_id) for c in store.cards() for a in c.agents} == refs
+    assert {(a, c.card_id) for c in store.cards() for a in c.agents} == scan.refs
 
 
 def test_processes_put_match_load_delete_on_one_store(tmp_path):

@@ -1,12 +1,14 @@
-"""The store's naming rules and layout constants (spec/store-1.md): shared by the store and its scans."""
+"""The store's naming rules and layout constants (spec/store-1.md §1), and the disk-full error every part of
+the store raises the same way."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from typing import Callable
 
-from cachecard.errors import AgentIdError, CardNotFoundError
+from cachecard.errors import AgentIdError, CardNotFoundError, StoreFullError
 
 STORE_FILE = "cachecard-store.json"
 STORE_VERSION = 1
@@ -44,3 +46,11 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def os_error(e: OSError, what: str) -> Exception:
+    """``e`` as a :class:`StoreFullError` when the disk is full (else ``e`` itself), saying what failed."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFullError(f"{what}: the disk is full ({e.strerror}). Free space, or evict cards "
+                              "(`Store.evict`, `cachecard gc`); nothing committed before was lost")
+    return e

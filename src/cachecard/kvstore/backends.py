@@ -1,0 +1,37 @@
+"""Opening a store's index from where it is said to live (a path; the default next to the store or in a
+per-URL cache directory). Adding a backend touches this module and its own, never the ``Store`` facade."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cachecard.kvstore.index import Index
+from cachecard.kvstore.names import os_error
+
+if TYPE_CHECKING:
+    from cachecard.kvstore.objects import StoreObjects
+
+
+def default_index_path(objects: StoreObjects) -> Path:
+    """``<root>/index`` for a local store; ``$XDG_CACHE_HOME/cachecard/index/<sha256(url)[:16]>`` for a URL."""
+    if not objects.remote:
+        return Path(objects.base) / "index"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "cachecard" / "index" / hashlib.sha256(objects.label.encode()).hexdigest()[:16]
+
+
+def open_index(where: str | os.PathLike[str] | None, objects: StoreObjects, *, map_size: int | None = None) -> Index:
+    """The index at ``where`` (a local directory: LMDB), or the store's default one."""
+    from cachecard.kvstore.lmdb_index import DEFAULT_MAP_SIZE, LmdbIndex
+
+    path = default_index_path(objects) if where is None else Path(where)
+    try:
+        return LmdbIndex(path, map_size=map_size or DEFAULT_MAP_SIZE)
+    except OSError as e:
+        raise os_error(e, "cannot create the index") from e
+
+
+__all__ = ["default_index_path", "open_index"]

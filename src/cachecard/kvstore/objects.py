@@ -1,0 +1,252 @@
+"""The objects of a store (spec/store-1.md §1): where cards and references live, how they are written, read
+back, deleted and listed, on a local directory or any fsspec URL (``s3://bucket/prefix``, ``memory://…``)::
+
+    cachecard-store.json            {"cachecard_store": 1, "block_tokens": B, ...}: written once, at creation
+    cards/<id[:2]>/<id>/            one card (spec/cachecard-1.md), immutable, named by its card_id
+    refs/<agent>/<id>               an agent's reference to a card (tiny JSON object; its existence counts)
+
+These objects are the source of truth of a store; its index is derived from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from cachecard.card import layout
+from cachecard.card.reader import Card, open_card
+from cachecard.card.writer import write_card
+from cachecard.errors import CorruptCardError, StoreError
+from cachecard.kv import CanonicalKV
+from cachecard.kvstore.index import CardRecord
+from cachecard.kvstore.names import (
+    AGENT_RE, CARD_ID_RE, DEFAULT_BLOCK_TOKENS, STORE_FILE, STORE_VERSION, check_card_id, os_error, unlink_quietly,
+)
+from cachecard.kvstore.prefix import model_key
+from cachecard.manifest import CardManifest, ModelIdentity, ParentRef
+
+
+@dataclass
+class ObjectScan:
+    """What a store holds: its cards ({id: committed?, newest mtime}), junk (staging or trash paths with their
+    mtime) and references ((agent, card id) pairs)."""
+
+    cards: dict[str, CardObject] = field(default_factory=dict)
+    junk: list[tuple[str, float]] = field(default_factory=list)
+    refs: set[tuple[str, str]] = field(default_factory=set)
+
+
+@dataclass
+class CardObject:
+    committed: bool
+    mtime: float
+
+
+class StoreObjects:
+    """Object I/O of one store: ``root`` is a local directory or an fsspec URL."""
+
+    def __init__(self, root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+        self.label = str(root)
+        self.options = dict(storage_options or {})
+        url = str(root)
+        self.remote = "://" in url and not url.startswith("file://")
+        if self.remote:
+            self.fs, base = fsspec.core.url_to_fs(url, **self.options)
+            self.base = base.rstrip("/")
+        else:
+            self.fs = fsspec.filesystem("file")
+            self.base = str(Path(url.removeprefix("file://")).absolute())
+
+    # -- the store marker ----------------------------------------------------------------------------------
+    def open_root(self, create: bool, block_tokens: int | None) -> int:
+        """Read (or, with ``create``, write) the store marker; return the store's block size ``B``."""
+        marker = f"{self.base}/{STORE_FILE}"
+        try:
+            doc = json.loads(self.fs.cat_file(marker))
+        except FileNotFoundError:
+            doc = None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"{marker!r} is not valid JSON ({e}); this is not a cachecard store") from e
+        if doc is None:
+            if not create:
+                raise StoreError(f"no cachecard store at {self.label!r} (no {STORE_FILE}); create it with "
+                                 "Store(..., create=True)")
+            b = DEFAULT_BLOCK_TOKENS if block_tokens is None else block_tokens
+            if not isinstance(b, int) or not 1 <= b <= 1 << 16:
+                raise StoreError(f"block_tokens must be an integer in [1, 65536]; got {b!r}")
+            doc = {"cachecard_store": STORE_VERSION, "block_tokens": b,
+                   "layout": "cards/<id[:2]>/<id>, refs/<agent>/<id>", "hash": "blake2b-128 chained, int32 LE"}
+            self.write_small(marker, json.dumps(doc, indent=1).encode())
+        if not isinstance(doc, dict) or doc.get("cachecard_store") != STORE_VERSION:
+            raise StoreError(f"{marker!r} is not a version {STORE_VERSION} cachecard store "
+                             f"(cachecard_store={doc.get('cachecard_store') if isinstance(doc, dict) else doc!r}); "
+                             "upgrade cachecard")
+        b = doc.get("block_tokens")
+        if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 1 << 16:
+            raise StoreError(f"{marker!r} has an invalid block_tokens {b!r}")
+        if block_tokens is not None and block_tokens != b:
+            raise StoreError(f"the store at {self.label!r} uses block_tokens={b}, not {block_tokens}; "
+                             "leave block_tokens unset to use the store's")
+        return b
+
+    # -- cards ---------------------------------------------------------------------------------------------
+    def card_path(self, card_id: str) -> str:
+        return f"{self.base}/cards/{card_id[:2]}/{card_id}"
+
+    def card_location(self, card_id: str) -> str:
+        """Where card ``card_id`` lives: a local path or a URL (readable with ``open_card``)."""
+        path = self.card_path(check_card_id(card_id))
+        return self.fs.unstrip_protocol(path) if self.remote else path
+
+    def write_card(self, card_id: str, kv: CanonicalKV, tokens: np.ndarray, model: ModelIdentity, *,
+                   codec: str | tuple[str, str], chunk_tokens: int = layout.DEFAULT_CHUNK_TOKENS,
+                   parent: ParentRef | None) -> CardManifest:
+        return write_card(self.card_location(card_id), kv, tokens, model, codec=codec, chunk_tokens=chunk_tokens,
+                          parent=parent, card_id=card_id, storage_options=self.options or None)
+
+    def open_card(self, card_id: str) -> Card:
+        """Open the card stored under ``card_id``; refuse one whose manifest names another id."""
+        card = open_card(self.card_location(card_id), storage_options=self.options or None)
+        if card.manifest.card_id != card_id:
+            raise CorruptCardError(f"its manifest says card_id {card.manifest.card_id}", card=card_id)
+        return card
+
+    def open_indexed(self, rec: CardRecord) -> Card:
+        """Open a card and check it is the one the index describes (so a card copied in under another card's
+        name is never served as that card's KV)."""
+        card = open_card(self.card_location(rec.card_id), storage_options=self.options or None)
+        m = card.manifest
+        problems = []
+        if m.card_id != rec.card_id:
+            problems.append(f"its manifest says card_id {m.card_id}")
+        if model_key(m.model).hex() != rec.model:
+            problems.append("its model identity differs from the one indexed")
+        if (m.parent.card_id if m.parent else None) != rec.parent or m.start_position != rec.start \
+                or m.tokens.count != rec.tokens:
+            problems.append("its parent or token count differs from the index")
+        if problems:
+            raise CorruptCardError("the card stored under this id does not match the index (" + "; ".join(problems)
+                                   + "); run `cachecard verify` and `cachecard reindex`", card=rec.card_id)
+        return card
+
+    def card_bytes(self, card_id: str) -> int:
+        path = self.card_path(card_id)
+        if not self.remote:
+            return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        return sum(info["size"] for info in self.fs.find(path, detail=True).values())
+
+    def delete_card(self, card_id: str) -> None:
+        """Remove a card's objects. Locally the card is renamed to trash first, so it disappears at once (a
+        crash leaves trash that gc removes); elsewhere its root document goes first (it reads as incomplete)."""
+        path = self.card_path(card_id)
+        if not self.remote:
+            p = Path(path)
+            if not p.exists():
+                return
+            trash = p.parent / f".{card_id}.trash-{uuid.uuid4().hex}"
+            os.rename(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            return
+        try:
+            self.fs.rm_file(f"{path}/zarr.json")
+        except FileNotFoundError:
+            pass
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    # -- references ----------------------------------------------------------------------------------------
+    def ref_path(self, agent: str, card_id: str) -> str:
+        return f"{self.base}/refs/{agent}/{card_id}"
+
+    def write_ref(self, agent: str, card_id: str) -> None:
+        self.write_small(self.ref_path(agent, card_id),
+                         json.dumps({"agent": agent, "card_id": card_id, "time": time.time()}).encode())
+
+    def delete_ref(self, agent: str, card_id: str) -> None:
+        try:
+            self.fs.rm_file(self.ref_path(agent, card_id))
+        except FileNotFoundError:
+            pass
+
+    def write_small(self, path: str, data: bytes) -> None:
+        """Write a small object atomically (locally: a hidden temporary file, fsync, rename)."""
+        try:
+            if not self.remote:
+                p = Path(path)
+                p.parent.mkdir(parents=True, exist_ok=True)
+                tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, p)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as e:
+            raise os_error(e, f"cannot write {path!r}") from e
+
+    # -- scanning ------------------------------------------------------------------------------------------
+    def remove_junk(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else unlink_quietly(path)
+
+    def scan(self) -> ObjectScan:
+        """Every card, piece of junk and reference the store holds (the objects, not the index)."""
+        return self._scan_local() if not self.remote else self._scan_remote()
+
+    def _scan_local(self) -> ObjectScan:
+        out = ObjectScan()
+        root = Path(self.base) / "cards"
+        if root.is_dir():
+            for sub in os.scandir(root):
+                if not sub.is_dir(follow_symlinks=False):
+                    continue
+                for e in os.scandir(sub.path):
+                    st = e.stat(follow_symlinks=False)
+                    if CARD_ID_RE.match(e.name) and e.is_dir(follow_symlinks=False):
+                        out.cards[e.name] = CardObject(os.path.exists(os.path.join(e.path, "zarr.json")), st.st_mtime)
+                    elif e.name.startswith("."):
+                        out.junk.append((e.path, st.st_mtime))
+        rroot = Path(self.base) / "refs"
+        if rroot.is_dir():
+            for a in os.scandir(rroot):
+                if a.is_dir(follow_symlinks=False) and AGENT_RE.match(a.name):
+                    for r in os.scandir(a.path):
+                        if CARD_ID_RE.match(r.name):
+                            out.refs.add((a.name, r.name))
+                        elif r.name.startswith("."):
+                            out.junk.append((r.path, r.stat(follow_symlinks=False).st_mtime))
+        return out
+
+    def _scan_remote(self) -> ObjectScan:
+        out = ObjectScan()
+        base = self.base
+        for path, info in self.fs.find(f"{base}/cards", detail=True).items():
+            parts = path[len(base) + 1:].split("/")
+            if len(parts) < 4 or not CARD_ID_RE.match(parts[2]):
+                continue
+            c = out.cards.setdefault(parts[2], CardObject(False, 0.0))
+            if parts[3:] == ["zarr.json"]:
+                c.committed = True
+            mtime = info.get("LastModified") or info.get("mtime") or info.get("created")
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            c.mtime = max(c.mtime, float(mtime or 0.0))
+        for path in self.fs.find(f"{base}/refs"):
+            parts = path[len(base) + 1:].split("/")
+            if len(parts) == 3 and AGENT_RE.match(parts[1]) and CARD_ID_RE.match(parts[2]):
+                out.refs.add((parts[1], parts[2]))
+        return out
+
+
+__all__ = ["CardObject", "ObjectScan", "StoreObjects"]
