@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def default_index_path(objects: StoreObjects) -> Path:
     """``<root>/index`` for a local store; ``$XDG_CACHE_HOME/cachecard/index/<sha256(url)[:16]>`` for a URL."""
     if not objects.remote:
-        return Path(objects.base) / "index"
+        return Path(objects.path_of("index"))
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "cachecard" / "index" / hashlib.sha256(objects.label.encode()).hexdigest()[:16]
 

@@ -56,6 +56,7 @@ def collect(objects: StoreObjects, index: Index, candidates: list[str]) -> list[
     todo = list(candidates)
     while todo:
         card_id = todo.pop()
+        objects.card_path(card_id)  # refuses a card that is a symbolic link while it is still indexed
         rec = index.unindex_if_unused(card_id)
         if rec is None:
             continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -66,10 +67,31 @@ class StoreObjects:
             self.fs = fsspec.filesystem("file")
             self.base = str(Path(url.removeprefix("file://")).absolute())
 
+    # -- paths -------------------------------------------------------------------------------------------
+    def path_of(self, *parts: str) -> str:
+        """The path of ``parts`` under the store's root. On a local store, refuse (:class:`StoreError`) when a
+        component below the root is a symbolic link: a store never follows a link out of its root, so no put,
+        delete or gc writes or removes anything elsewhere. (A process that swaps a directory for a link between
+        this check and the write still races it; it needs write access to the store to do so.)"""
+        path = self.base
+        for part in parts:
+            path = f"{path}/{part}"
+            if self.remote:
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                break  # nothing deeper exists either
+            if stat.S_ISLNK(st.st_mode):
+                raise StoreError(f"{path!r} is a symbolic link inside the store at {self.label!r}; a store never "
+                                 "follows links out of its root. Remove the link (move the real data into the "
+                                 "store, or open the store at the real directory)")
+        return f"{self.base}/{'/'.join(parts)}"
+
     # -- the store marker ----------------------------------------------------------------------------------
     def open_root(self, create: bool, block_tokens: int | None) -> int:
         """Read (or, with ``create``, write) the store marker; return the store's block size ``B``."""
-        marker = f"{self.base}/{STORE_FILE}"
+        marker = self.path_of(STORE_FILE)
         try:
             doc = json.loads(self.fs.cat_file(marker))
         except FileNotFoundError:
@@ -100,7 +122,7 @@ class StoreObjects:
 
     # -- cards ---------------------------------------------------------------------------------------------
     def card_path(self, card_id: str) -> str:
-        return f"{self.base}/cards/{card_id[:2]}/{card_id}"
+        return self.path_of("cards", card_id[:2], card_id)
 
     def card_location(self, card_id: str) -> str:
         """Where card ``card_id`` lives: a local path or a URL (readable with ``open_card``)."""
@@ -141,7 +163,7 @@ class StoreObjects:
     def card_bytes(self, card_id: str) -> int:
         path = self.card_path(card_id)
         if not self.remote:
-            return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+            return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(path) for f in files)
         return sum(info["size"] for info in self.fs.find(path, detail=True).values())
 
     def delete_card(self, card_id: str) -> None:
@@ -167,7 +189,7 @@ class StoreObjects:
 
     # -- references ----------------------------------------------------------------------------------------
     def ref_path(self, agent: str, card_id: str) -> str:
-        return f"{self.base}/refs/{agent}/{card_id}"
+        return self.path_of("refs", agent, card_id)
 
     def write_ref(self, agent: str, card_id: str) -> None:
         self.write_small(self.ref_path(agent, card_id),
@@ -186,7 +208,8 @@ class StoreObjects:
                 p = Path(path)
                 p.parent.mkdir(parents=True, exist_ok=True)
                 tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex}"
-                with open(tmp, "wb") as f:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                with open(fd, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
@@ -206,23 +229,23 @@ class StoreObjects:
 
     def _scan_local(self) -> ObjectScan:
         out = ObjectScan()
-        root = Path(self.base) / "cards"
+        root = Path(self.path_of("cards"))
         if root.is_dir():
             for sub in os.scandir(root):
                 if not sub.is_dir(follow_symlinks=False):
                     continue
                 for e in os.scandir(sub.path):
                     st = e.stat(follow_symlinks=False)
-                    if CARD_ID_RE.match(e.name) and e.is_dir(follow_symlinks=False):
+                    if CARD_ID_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
                         out.cards[e.name] = CardObject(os.path.exists(os.path.join(e.path, "zarr.json")), st.st_mtime)
                     elif e.name.startswith("."):
                         out.junk.append((e.path, st.st_mtime))
-        rroot = Path(self.base) / "refs"
+        rroot = Path(self.path_of("refs"))
         if rroot.is_dir():
             for a in os.scandir(rroot):
-                if a.is_dir(follow_symlinks=False) and AGENT_RE.match(a.name):
+                if a.is_dir(follow_symlinks=False) and AGENT_RE.fullmatch(a.name):
                     for r in os.scandir(a.path):
-                        if CARD_ID_RE.match(r.name):
+                        if CARD_ID_RE.fullmatch(r.name):
                             out.refs.add((a.name, r.name))
                         elif r.name.startswith("."):
                             out.junk.append((r.path, r.stat(follow_symlinks=False).st_mtime))
@@ -233,7 +256,7 @@ class StoreObjects:
         base = self.base
         for path, info in self.fs.find(f"{base}/cards", detail=True).items():
             parts = path[len(base) + 1:].split("/")
-            if len(parts) < 4 or not CARD_ID_RE.match(parts[2]):
+            if len(parts) < 4 or not CARD_ID_RE.fullmatch(parts[2]):
                 continue
             c = out.cards.setdefault(parts[2], CardObject(False, 0.0))
             if parts[3:] == ["zarr.json"]:
@@ -244,7 +267,7 @@ class StoreObjects:
             c.mtime = max(c.mtime, float(mtime or 0.0))
         for path in self.fs.find(f"{base}/refs"):
             parts = path[len(base) + 1:].split("/")
-            if len(parts) == 3 and AGENT_RE.match(parts[1]) and CARD_ID_RE.match(parts[2]):
+            if len(parts) == 3 and AGENT_RE.fullmatch(parts[1]) and CARD_ID_RE.fullmatch(parts[2]):
                 out.refs.add((parts[1], parts[2]))
         return out
 

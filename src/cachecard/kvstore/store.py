@@ -25,6 +25,7 @@ import numpy as np
 
 from cachecard.card import layout
 from cachecard.card.reader import Card
+from cachecard.card.writer import _check_kv_matches_model as check_kv_matches_model  # the writer's own rule
 from cachecard.errors import (
     CacheCardError, CardNotFoundError, CorruptCardError, IdentityMismatchError, IncompleteCardError, KVShapeError,
     StoreError,
@@ -134,6 +135,7 @@ class Store:
         if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() > 2**31 - 1):
             raise KVShapeError("token ids must be integers in [0, 2**31-1]")
         ids = ids.astype("<i4")
+        check_kv_matches_model(kv, model)  # also when the sequence is stored already: a wrong KV is an error
         codecs = (codec, codec) if isinstance(codec, str) else (codec[0], codec[1])
         keys = keys_of(model_key(model), ids, self.block_tokens)
         for _attempt in range(8):
@@ -285,7 +287,7 @@ class Store:
         """Remove ``agent``'s reference to a card (every agent's with ``agent=None``); return the ids of
         cards whose data was removed because nothing references them any more (the card, then parents
         that only it continued). A card other cards continue stays as their parent, without agents."""
-        check_card_id(card_id)
+        self.objects.card_path(check_card_id(card_id))  # a card that is a symbolic link: refuse before any change
         if self.index.record(card_id) is None:
             raise CardNotFoundError("no such card in this store", card=card_id)
         agents = self.index.owners(card_id)
@@ -330,6 +332,8 @@ class Store:
     # -- listing and stats --------------------------------------------------------------------------------
     def cards(self, agent: str | None = None) -> list[CardInfo]:
         """Every indexed card (only ``agent``'s with ``agent``), oldest first."""
+        if agent is not None:
+            check_agent(agent)
         out = [CardInfo(card_id=r.card_id, agents=e.agents, tokens=r.tokens, total=r.total, parent=r.parent,
                         parent_tokens=r.start, children=e.children, bytes=r.bytes, codecs=r.codecs,
                         created=r.created, accessed=e.accessed, model=r.model[:16])
