@@ -39,3 +39,11 @@ def store(make_store, tmp_path):
     s = make_store(tmp_path / "store", block_tokens=16)
     s.atime_resolution_s = 0.0  # exact LRU order for the eviction tests
     return s
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_services():
+    """Stop the servers the backends started, at the end of the session."""
+    yield
+    for b in BACKENDS.values():
+        b.close()

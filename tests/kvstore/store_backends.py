@@ -3,7 +3,11 @@ machine). Each says where a store's index lives for a test, so one contract test
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 from pathlib import Path
+
+from cachecard.testing.services import RedisServer, redis_missing
 
 
 class LmdbBackend:
@@ -21,4 +25,29 @@ class LmdbBackend:
         pass
 
 
-BACKENDS = {"lmdb": LmdbBackend()}
+class RedisBackend:
+    """A Redis index on one ``redis-server`` started for the test session (stopped at its end): each (test
+    directory, tag) gets its own namespace, so tests never see each other's index."""
+
+    name = "redis"
+
+    def __init__(self) -> None:
+        self.server: RedisServer | None = None
+
+    def available(self) -> str | None:
+        return redis_missing()
+
+    def index(self, tmp: Path, tag: str = "main") -> str:
+        if self.server is None:
+            self.server = RedisServer().start()
+            atexit.register(self.close)
+        ns = hashlib.sha256(f"{tmp}|{tag}".encode()).hexdigest()[:16]
+        return f"{self.server.url}?namespace=t{ns}"
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+BACKENDS = {"lmdb": LmdbBackend(), "redis": RedisBackend()}

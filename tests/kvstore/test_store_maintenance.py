@@ -107,7 +107,7 @@ def test_full_disk_is_a_clear_error_and_loses_nothing(store, monkeypatch):
     assert store.load(keep).equal(kv)
     assert sorted(p.name for p in Path(store.objects.base, "cards").glob("*/*")) == [keep]  # no partial write left
     # and the ref object write failing (disk full after the card) also loses nothing
-    monkeypatch.setattr(StoreObjects, "write_small", lambda self, p, d: (_ for _ in ()).throw(
+    monkeypatch.setattr(StoreObjects, "write_small", lambda self, p, d, **kw: (_ for _ in ()).throw(
         StoreFullError("disk is full")))
     with pytest.raises(StoreFullError):
         store.put(extend(kv, 10), tokens(50), IDENT, agent="a")

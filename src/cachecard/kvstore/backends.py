@@ -1,5 +1,6 @@
-"""Opening a store's index from where it is said to live (a path; the default next to the store or in a
-per-URL cache directory). Adding a backend touches this module and its own, never the ``Store`` facade."""
+"""Opening a store's index from where it is said to live: a ``redis://`` URL (the shared Redis backend), a
+path (LMDB), or nothing (LMDB next to a local store, or in a per-URL cache directory for a remote one).
+Adding a backend touches this module and its own, never the ``Store`` facade."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from cachecard.kvstore.index import Index
 from cachecard.kvstore.names import os_error
@@ -24,7 +26,11 @@ def default_index_path(objects: StoreObjects) -> Path:
 
 
 def open_index(where: str | os.PathLike[str] | None, objects: StoreObjects, *, map_size: int | None = None) -> Index:
-    """The index at ``where`` (a local directory: LMDB), or the store's default one."""
+    """The index at ``where``: a Redis URL, a local directory (LMDB), or None for the store's default one."""
+    if isinstance(where, str) and urlsplit(where).scheme in ("redis", "rediss", "unix"):
+        from cachecard.kvstore.redis_index import RedisIndex
+
+        return RedisIndex(where)
     from cachecard.kvstore.lmdb_index import DEFAULT_MAP_SIZE, LmdbIndex
 
     path = default_index_path(objects) if where is None else Path(where)

@@ -6,8 +6,9 @@ transaction the :class:`~cachecard.kvstore.store.Store` facade needs; a backend 
 (LMDB: one write transaction; a networked engine: one script or optimistic transaction), so card records,
 block and tail entries, references, owners, children, pins and access times never disagree.
 
-Backends: :mod:`cachecard.kvstore.lmdb_index` (embedded, local disk; the default). The byte layout of an
-index is its backend's business: nothing outside a backend module sees a key or a value.
+Backends: :mod:`cachecard.kvstore.lmdb_index` (embedded, local disk; the default) and
+:mod:`cachecard.kvstore.redis_index` (shared by every node of a store). The byte layout of an index is its
+backend's business: nothing outside a backend module sees a key or a value.
 """
 
 from __future__ import annotations
@@ -139,10 +140,11 @@ class Index(Protocol):
     """The typed transactions of a store's index. Every method is atomic on its own."""
 
     location: str
+    shared: bool   # several machines use it at once (a shared index binds to the store's id, never empty)
 
-    def bind(self, store_id: str, block_tokens: int) -> None:
-        """Claim an empty index for this store, or refuse (:class:`StoreError`) one built for another store
-        or another block size."""
+    def bind(self, store_id: str, block_tokens: int, label: str = "") -> None:
+        """Claim an empty index for the store with id ``store_id`` (``label`` names it in messages), or refuse
+        (:class:`StoreError`) one built for another store or another block size."""
 
     def close(self) -> None: ...
 
@@ -158,8 +160,9 @@ class Index(Protocol):
 
     def commit(self, entries: Sequence[IndexEntry], *, only_new: bool = False) -> list[str]:
         """Index cards: records, block and tail entries, child links, references and owners, access times;
-        their pending puts end. With ``only_new``, cards indexed already are left as they are. Returns the
-        ids committed."""
+        their pending puts end. Each card is committed whole or not at all (a backend may commit a long list
+        in several steps). With ``only_new``, cards indexed already are left as they are. Returns the ids
+        committed."""
 
     def add_ref(self, agent: str, card_id: str) -> bool:
         """Give ``agent`` a reference to an indexed card (and count it an access); False if not indexed."""

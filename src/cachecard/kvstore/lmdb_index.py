@@ -7,7 +7,7 @@ Named sub-databases (values are small fixed binary structs or JSON; never pickle
 ============ ============================================ =====================================================
 db           key                                          value
 ============ ============================================ =====================================================
-``meta``     ASCII name                                   JSON
+``meta``     ``store`` / ``store_id``                     JSON (version, block size) / the store's id (ASCII)
 ``cards``    card id (16 bytes)                           JSON record (model, start, tokens, parent, bytes, …)
 ``cblocks``  card id                                      the card's block hashes, concatenated (16 bytes each)
 ``blocks``   block hash (16, dupsort, dupfixed)           card id (16)
@@ -66,6 +66,8 @@ def _unf64(b: bytes | None) -> float:
 class LmdbIndex:
     """A store's index in an LMDB environment at ``path`` (local disk)."""
 
+    shared = False
+
     def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE) -> None:
         self._env = LmdbEnv(path, map_size, DBS, dupsort=_DUP)
         self.path = self._env.path
@@ -110,7 +112,7 @@ class LmdbIndex:
         return tuple(k[_ID:].decode() for k, _ in self._prefixed(txn, "owners", c))
 
     # -- binding -------------------------------------------------------------------------------------------
-    def bind(self, store_id: str, block_tokens: int) -> None:
+    def bind(self, store_id: str, block_tokens: int, label: str = "") -> None:
         want = {"version": INDEX_VERSION, "block_tokens": block_tokens}
 
         def check(txn: Txn) -> None:
@@ -121,6 +123,13 @@ class LmdbIndex:
             elif got != want:
                 raise StoreError(f"the index at {self.location!r} was built for {got}, not {want}; delete it and "
                                  "run `cachecard reindex`")
+            owner = txn.get(b"store_id", db=self.dbs["meta"])
+            if owner is not None and store_id and owner.decode() != store_id:
+                raise StoreError(f"the index at {self.location!r} belongs to another store (store id "
+                                 f"{owner.decode()!r}), not {label or 'this one'} ({store_id!r}); pass another "
+                                 "index directory, or delete this one and run `cachecard reindex`")
+            if owner is None and store_id:
+                txn.put(b"store_id", store_id.encode(), db=self.dbs["meta"])
 
         self._write(check)
 

@@ -33,7 +33,10 @@ from cachecard.errors import (
 from cachecard.kv import CanonicalKV
 from cachecard.kvstore import eviction, maintenance
 from cachecard.kvstore.backends import open_index
-from cachecard.kvstore.index import CardRecord, Index, IndexEntry, Match, PutPlan, require, segments, sequence_of
+from cachecard.kvstore.card_cache import DEFAULT_CACHE_BYTES, CardCache
+from cachecard.kvstore.index import (
+    CardRecord, Index, IndexEntry, Match, PutPlan, Segment, require, segments, sequence_of,
+)
 from cachecard.kvstore.maintenance import GcReport, ReindexReport, VerifyStoreReport
 from cachecard.kvstore.names import (
     _OPEN_CACHE, ATIME_RESOLUTION_S, STORE_FILE, Progress, check_agent, check_card_id, os_error,
@@ -67,8 +70,10 @@ class Store:
     root
         A local directory or an fsspec URL (``s3://bucket/prefix``, ``memory://name``).
     index
-        Where the index lives: a local directory for the embedded LMDB index. Default: ``<root>/index`` for
-        a local store, and ``$XDG_CACHE_HOME/cachecard/index/<sha256(url)[:16]>`` for a URL.
+        Where the index lives: a local directory for the embedded LMDB index, or a ``redis://host:6379/0``
+        URL for an index shared by every node of the store (``?namespace=NAME`` to share one database between
+        stores). Default: LMDB at ``<root>/index`` for a local store, and at
+        ``$XDG_CACHE_HOME/cachecard/index/<sha256(url)[:16]>`` for a URL.
     create
         Create the store if it does not exist (else :class:`StoreError`).
     block_tokens
@@ -79,21 +84,28 @@ class Store:
         Initial LMDB map size; it doubles by itself whenever it fills.
     open_cache
         How many opened cards (metadata and token ids, not KV) to keep; 0 opens a card on every read.
+    cache_dir, cache_bytes
+        A local directory where a remote store's cards are kept after their first read (a bounded LRU of at
+        most ``cache_bytes``), so a node restores a popular card from its own disk. Off by default.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, index: str | os.PathLike[str] | None = None,
                  create: bool = True, block_tokens: int | None = None,
                  storage_options: dict[str, Any] | None = None, map_size: int | None = None,
-                 open_cache: int = _OPEN_CACHE) -> None:
+                 open_cache: int = _OPEN_CACHE, cache_dir: str | os.PathLike[str] | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.root_label = str(root)
-        self.objects = StoreObjects(root, storage_options)
-        self.block_tokens = self.objects.open_root(create, block_tokens)
+        cache = CardCache(cache_dir, cache_bytes) if cache_dir is not None else None
+        self.objects = StoreObjects(root, storage_options, cache)
+        info = self.objects.open_root(create, block_tokens)
+        self.block_tokens = info.block_tokens
         self.index: Index = open_index(index, self.objects, map_size=map_size)
         self._cards: dict[str, Card] = {}
         self._open_cache = open_cache
         self.atime_resolution_s = ATIME_RESOLUTION_S
         try:
-            self.index.bind("", self.block_tokens)
+            self.store_id = info.store_id or (self.objects.give_store_id() if self.index.shared else "")
+            self.index.bind(self.store_id, self.block_tokens, self.root_label)
         except BaseException:
             self.index.close()
             raise
@@ -166,7 +178,18 @@ class Store:
                 raise os_error(e, f"cannot write card {card_id}") from e
             raise
         record = CardRecord.of(manifest, nbytes, keys.tail)
-        self.index.commit([IndexEntry(record, keys.hashes, (agent,))])
+        try:
+            self.index.commit([IndexEntry(record, keys.hashes, (agent,))])
+        except StoreError as e:  # a shared index that could not be reached: did the commit land?
+            try:
+                landed = self.index.record(card_id) is not None
+            except StoreError:
+                raise StoreError("the card and its reference are stored, but the index could not be reached to "
+                                 f"commit it ({e}); the next `gc` adopts it once the index is back, and retrying "
+                                 "the put is safe", card=card_id) from e
+            if not landed:
+                self._abandon(plan, agent)
+                raise
         return card_id
 
     def _abandon(self, plan: PutPlan, agent: str) -> None:
@@ -216,26 +239,36 @@ class Store:
         if not isinstance(tokens, range) or tokens.step != 1 or tokens.start < 0 or tokens.stop > total:
             raise ValueError(f"tokens must be an int, or a contiguous range within [0, {total}); got {tokens!r}")
         segs = segments(self.index, card_id, rec, tokens.start, max(tokens.start, tokens.stop))
-        try:
-            cards = [self._open(r) for _, r, _, _ in segs]
-
-            def read(i: int) -> CanonicalKV:
-                _, _, a, b = segs[i]
-                return cards[i].read(layers=layers, tokens=slice(a, b))
-
-            if len(segs) == 1:
-                parts = [read(0)]
-            else:
-                with ThreadPoolExecutor(min(8, len(segs))) as pool:
-                    parts = list(pool.map(read, range(len(segs))))
-        except (CardNotFoundError, IncompleteCardError, CorruptCardError, OSError) as e:
-            if any(self.index.record(c) is None for c, _, _, _ in segs):
-                raise CardNotFoundError("the card was deleted while it was being read", card=card_id) from e
-            raise
+        for attempt in (0, 1):
+            try:
+                parts = self._read_segments(segs, layers)
+                break
+            except (CardNotFoundError, IncompleteCardError, CorruptCardError, OSError, StoreError) as e:
+                if any(self.index.record(c) is None for c, _, _, _ in segs):
+                    raise CardNotFoundError("the card was deleted while it was being read", card=card_id) from e
+                if attempt or self.objects.cache is None:
+                    raise
+                for c, _, _, _ in segs:  # a cached copy removed by another process: read from the store again
+                    self._cards.pop(c, None)
+                    self.objects.forget_cached(c)
         self.index.touch(card_id, self.atime_resolution_s)
         if len(parts) == 1:
             return parts[0]
         return CanonicalKV(np.concatenate([p.k for p in parts], axis=2), np.concatenate([p.v for p in parts], axis=2))
+
+    def _read_segments(self, segs: list[Segment], layers: range | slice | int | None) -> list[CanonicalKV]:
+        """Read each piece of a sequence, in parallel across the cards of the chain."""
+        cards = [self._open(r) for _, r, _, _ in segs]
+
+        def read(i: int) -> CanonicalKV:
+            _, _, a, b = segs[i]
+            with self.objects.service(f"reading card {segs[i][0]}"):
+                return cards[i].read(layers=layers, tokens=slice(a, b))
+
+        if len(segs) == 1:
+            return [read(0)]
+        with ThreadPoolExecutor(min(8, len(segs))) as pool:
+            return list(pool.map(read, range(len(segs))))
 
     def parts(self, what: str | Match, *, tokens: int | None = None) -> list[tuple[Card, int]]:
         """The opened cards that hold the first ``tokens`` tokens of a card's sequence (default: all of it, or
