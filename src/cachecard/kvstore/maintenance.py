@@ -98,12 +98,14 @@ def gc(objects: StoreObjects, index: Index, *, block_tokens: int, grace_s: float
     object names but the index lacks (a put that crashed after its ref), and completes interrupted reference
     changes. Puts in progress older than ``grace_s`` (on the index's clock) are dead: their pins end."""
     rep = GcReport()
-    now = time.time()
-    scan = objects.scan()
+    # The index first, the objects after: a reference the index holds had its object written before, so the
+    # scan sees it and gc never drops a reference a concurrent put (on any node) just committed.
     indexed = {r.card_id for r in index.records()}
     pending = {p.card_id: p for p in index.pending()}
     irefs = index.refs()
     index_now = index.now()
+    now = time.time()
+    scan = objects.scan()
     stale = [c for c, p in pending.items() if index_now - p.time >= grace_s]
     live_pending = set(pending) - set(stale)
     for path, mtime in scan.junk:

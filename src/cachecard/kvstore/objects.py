@@ -24,11 +24,12 @@ from typing import Any, Iterator
 
 import fsspec
 import numpy as np
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from cachecard.card import layout
 from cachecard.card.reader import Card, open_card
 from cachecard.card.writer import write_card
-from cachecard.errors import CorruptCardError, StoreError
+from cachecard.errors import CacheCardError, CardExistsError, CorruptCardError, StoreError
 from cachecard.kv import CanonicalKV
 from cachecard.kvstore.card_cache import CardCache
 from cachecard.kvstore.index import CardRecord
@@ -185,8 +186,14 @@ class StoreObjects:
         if self.remote:
             where = CreateOnlyFsspecStore.at(where, self.options or None)
         with self.service(f"writing card {card_id}"):
-            return write_card(where, kv, tokens, model, codec=codec, chunk_tokens=chunk_tokens, parent=parent,
-                              card_id=card_id, storage_options=self.options or None)
+            try:
+                return write_card(where, kv, tokens, model, codec=codec, chunk_tokens=chunk_tokens, parent=parent,
+                                  card_id=card_id, storage_options=self.options or None)
+            except (FileExistsError, ContainsArrayError, ContainsGroupError) as e:
+                if isinstance(e, CacheCardError):
+                    raise
+                raise CardExistsError(f"an object of this card exists already ({e}); card objects are written "
+                                      "once (a conditional create refused to replace it)", card=card_id) from e
 
     def _open(self, card_id: str) -> Card:
         location = self.card_location(card_id)

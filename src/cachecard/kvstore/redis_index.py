@@ -188,11 +188,11 @@ class RedisIndex:
     def rebuild(self, entries: Sequence[IndexEntry]) -> None:
         """Build a new generation of the index beside the live one, switch to it in one step, then remove the
         older generations (other nodes serve the old index meanwhile)."""
-        atimes = self._read("atimes")
-        kept = {atimes[i]: float(atimes[i + 1]) for i in range(0, len(atimes), 2)}
-        with self._errors("starting a rebuild"):
+        with self._errors("starting a rebuild"):  # (claims the namespace again if it was flushed)
             new, _live = self._scripts["new_gen"](keys=[self.meta], args=[self.store_id, self.block_tokens,
                                                                          INDEX_VERSION, self.label])
+        atimes = self._read("atimes")
+        kept = {atimes[i]: float(atimes[i + 1]) for i in range(0, len(atimes), 2)}
         self.commit(entries, gen=str(new), atimes=kept)
         with self._errors("switching to the rebuilt index"):
             self._scripts["switch"](keys=[self.meta], args=[self.store_id, str(new)])

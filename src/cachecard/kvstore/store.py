@@ -2,10 +2,11 @@
 
 A store keeps cards and the agents' references to them as objects (:mod:`~cachecard.kvstore.objects`: a local
 directory or an fsspec URL such as ``s3://bucket/prefix``), and a derived prefix index behind the
-:class:`~cachecard.kvstore.index.Index` interface (embedded LMDB by default; :mod:`~cachecard.kvstore.backends`
-opens one). Commit order of a put: card data, card manifest (atomic), ref object, index entry. Deleting runs
-the other way: ref object, index entry, card data. A crash in between leaves at most an orphan that ``gc``
-collects (or adopts, when a ref object says an agent owns it).
+:class:`~cachecard.kvstore.index.Index` interface (embedded LMDB by default, or Redis shared by many nodes;
+:mod:`~cachecard.kvstore.backends` opens one). Commit order of a put (:mod:`~cachecard.kvstore.puts`): card
+data, card manifest (atomic), ref object, index entry. Deleting runs the other way: ref object, index entry,
+card data. A crash in between leaves at most an orphan that ``gc`` collects (or adopts, when a ref object says
+an agent owns it).
 
 Sharing. ``put`` looks up the longest cached prefix of the new sequence (same model, same codec presets,
 any agent) and writes only the tokens after it, as a card whose manifest ``parent`` points at that prefix.
@@ -16,7 +17,6 @@ Reference counts: a card's data is removed only when no agent references it and 
 from __future__ import annotations
 
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -27,23 +27,18 @@ from cachecard.card import layout
 from cachecard.card.reader import Card
 from cachecard.card.writer import _check_kv_matches_model as check_kv_matches_model  # the writer's own rule
 from cachecard.errors import (
-    CacheCardError, CardNotFoundError, CorruptCardError, IdentityMismatchError, IncompleteCardError, KVShapeError,
-    StoreError,
+    CardNotFoundError, CorruptCardError, IdentityMismatchError, IncompleteCardError, KVShapeError, StoreError,
 )
 from cachecard.kv import CanonicalKV
-from cachecard.kvstore import eviction, maintenance
+from cachecard.kvstore import eviction, maintenance, puts
 from cachecard.kvstore.backends import open_index
 from cachecard.kvstore.card_cache import DEFAULT_CACHE_BYTES, CardCache
-from cachecard.kvstore.index import (
-    CardRecord, Index, IndexEntry, Match, PutPlan, Segment, require, segments, sequence_of,
-)
+from cachecard.kvstore.index import CardRecord, Index, Match, Segment, require, segments, sequence_of
 from cachecard.kvstore.maintenance import GcReport, ReindexReport, VerifyStoreReport
-from cachecard.kvstore.names import (
-    _OPEN_CACHE, ATIME_RESOLUTION_S, STORE_FILE, Progress, check_agent, check_card_id, os_error,
-)
+from cachecard.kvstore.names import _OPEN_CACHE, ATIME_RESOLUTION_S, STORE_FILE, Progress, check_agent, check_card_id
 from cachecard.kvstore.objects import StoreObjects
-from cachecard.kvstore.prefix import SequenceKeys, keys_of, model_key
-from cachecard.manifest import ModelIdentity, ParentRef
+from cachecard.kvstore.prefix import keys_of, model_key
+from cachecard.manifest import ModelIdentity
 
 
 @dataclass(frozen=True)
@@ -148,61 +143,9 @@ class Store:
             raise KVShapeError("token ids must be integers in [0, 2**31-1]")
         ids = ids.astype("<i4")
         check_kv_matches_model(kv, model)  # also when the sequence is stored already: a wrong KV is an error
-        codecs = (codec, codec) if isinstance(codec, str) else (codec[0], codec[1])
         keys = keys_of(model_key(model), ids, self.block_tokens)
-        for _attempt in range(8):
-            plan = self.index.plan_put(keys, codecs, agent, share=share, new_id=uuid.uuid4().hex)
-            if not plan.existing:
-                break
-            self.objects.write_ref(agent, plan.card_id)
-            if self.index.add_ref(agent, plan.card_id):
-                return plan.card_id
-            self.objects.delete_ref(agent, plan.card_id)  # the card went away in between: plan again
-        else:  # pragma: no cover - needs 8 lost races in a row
-            raise StoreError("could not place the card: other processes kept deleting its prefix; try again")
-        return self._write_new(plan, kv, ids, keys, model, agent=agent, codec=codec, chunk_tokens=chunk_tokens)
-
-    def _write_new(self, plan: PutPlan, kv: CanonicalKV, ids: np.ndarray, keys: SequenceKeys, model: ModelIdentity,
-                   *, agent: str, codec: str | tuple[str, str], chunk_tokens: int) -> str:
-        card_id, parent = plan.card_id, plan.parent
-        p = parent.tokens if parent else 0
-        try:
-            manifest = self.objects.write_card(
-                card_id, CanonicalKV(kv.k[:, :, p:], kv.v[:, :, p:]), ids[p:], model, codec=codec,
-                chunk_tokens=chunk_tokens, parent=ParentRef(card_id=parent.card_id, tokens=p) if parent else None)
-            nbytes = self.objects.card_bytes(card_id)
-            self.objects.write_ref(agent, card_id)
-        except BaseException as e:
-            self._abandon(plan, agent)
-            if isinstance(e, OSError) and not isinstance(e, CacheCardError):
-                raise os_error(e, f"cannot write card {card_id}") from e
-            raise
-        record = CardRecord.of(manifest, nbytes, keys.tail)
-        try:
-            self.index.commit([IndexEntry(record, keys.hashes, (agent,))])
-        except StoreError as e:  # a shared index that could not be reached: did the commit land?
-            try:
-                landed = self.index.record(card_id) is not None
-            except StoreError:
-                raise StoreError("the card and its reference are stored, but the index could not be reached to "
-                                 f"commit it ({e}); the next `gc` adopts it once the index is back, and retrying "
-                                 "the put is safe", card=card_id) from e
-            if not landed:
-                self._abandon(plan, agent)
-                raise
-        return card_id
-
-    def _abandon(self, plan: PutPlan, agent: str) -> None:
-        """Undo a put that failed before its index commit (best effort; gc finishes the job otherwise)."""
-        try:
-            self.objects.delete_ref(agent, plan.card_id)
-            self.objects.delete_card(plan.card_id)
-        except Exception:  # noqa: BLE001 - the original error matters more; gc collects what is left
-            pass
-        try:
-            self.index.abandon_put(plan)
-        except Exception:  # noqa: BLE001
-            pass
+        return puts.put(self.objects, self.index, kv, ids, keys, model, agent=agent, codec=codec,
+                        chunk_tokens=chunk_tokens, share=share)
 
     # -- match --------------------------------------------------------------------------------------------
     def match(self, tokens: Sequence[int] | np.ndarray, model: ModelIdentity, agent: str | None = None) -> Match | None:
