@@ -144,3 +144,22 @@ def test_stats_and_listing(store):
     assert st["cards"] == 2 and st["agents"] == 2 and st["references"] == 2
     assert st["blocks"] == 4 + 5 and st["tokens_stored"] == 80 and st["tokens_represented"] == 144
     assert [c.total for c in store.cards(agent="b")] == [80]
+
+
+def test_counts_return_to_zero_when_everything_is_deleted(store):
+    """Empty child cards, cards shorter than a block and shared blocks all come and go without leaving a count
+    (or an entry) behind."""
+    kv = seq_kv(60)
+    a = store.put(kv, tokens(60), IDENT, agent="alice")
+    store.put(CanonicalKV(kv.k[:, :, :48], kv.v[:, :, :48]), tokens(48), IDENT, agent="bob")  # empty child
+    store.put(seq_kv(5, seed=7), tokens(5, start=77), IDENT, agent="bob")  # no full block
+    store.handoff(a, "cy")
+    st = store.stats()
+    assert (st["cards"], st["references"], st["blocks"], st["tails"]) == (3, 4, 3 + 3, 2)
+    assert st["tokens_stored"] == 65 and st["tokens_represented"] == 60 + 48 + 5
+    for agent in ("alice", "bob", "cy"):
+        store.drop_agent(agent)
+    st = store.stats()
+    assert [st[k] for k in ("cards", "references", "blocks", "tails", "bytes", "tokens_stored",
+                            "tokens_represented", "puts_in_progress", "agents")] == [0] * 9
+    assert store.cards() == [] and store.agents() == {}

@@ -42,7 +42,7 @@ if ARGV[3] ~= '' then
   gen = ARGV[3]
 end
 local P = ARGV[2] .. gen .. ':'
-local N = P .. 'n'
+local N = P .. 'n'  -- counters; decrements are written 0 - x: Lua's -0 would reach HINCRBY as "-0", refused
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -166,7 +166,7 @@ return 1
 REMOVE_REFS = r"""
 for i = 4, #ARGV, 2 do
   local a, id = ARGV[i], ARGV[i + 1]
-  redis.call('HINCRBY', N, 'refs', -redis.call('SREM', P .. 'rs:' .. a, id))
+  redis.call('HINCRBY', N, 'refs', 0 - redis.call('SREM', P .. 'rs:' .. a, id))
   redis.call('SREM', P .. 'o:' .. id, a)
   if redis.call('SCARD', P .. 'rs:' .. a) == 0 then redis.call('SREM', P .. 'agents', a) end
 end
@@ -183,10 +183,10 @@ local rec = cjson.decode(raw)
 local blocks = redis.call('GET', P .. 'cb:' .. id) or ''
 local nb = 0
 for j = 1, #blocks, 16 do nb = nb + redis.call('ZREM', P .. 'b:' .. string.sub(blocks, j, j + 15), id) end
-redis.call('HINCRBY', N, 'blocks', -nb)
+redis.call('HINCRBY', N, 'blocks', 0 - nb)
 if type(rec.tail) == 'table' then
   local entry = id .. struct.pack('<I4', rec.tail[2]) .. unhex(rec.tail[3])
-  redis.call('HINCRBY', N, 'tails', -redis.call('ZREM', P .. 't:' .. unhex(rec.tail[1]), entry))
+  redis.call('HINCRBY', N, 'tails', 0 - redis.call('ZREM', P .. 't:' .. unhex(rec.tail[1]), entry))
 end
 if rec.parent ~= cjson.null then redis.call('SREM', P .. 'ch:' .. unhex(rec.parent), id) end
 redis.call('DEL', P .. 'c:' .. id, P .. 'cb:' .. id, P .. 'o:' .. id, P .. 'ch:' .. id)
@@ -194,9 +194,9 @@ redis.call('SREM', P .. 'cards', id)
 redis.call('ZREM', P .. 'atime', id)
 redis.call('HDEL', P .. 'pending', id)
 redis.call('HINCRBY', N, 'cards', -1)
-redis.call('HINCRBY', N, 'bytes', -rec.bytes)
-redis.call('HINCRBY', N, 'tokens', -rec.tokens)
-redis.call('HINCRBY', N, 'total', -(rec.start + rec.tokens))
+redis.call('HINCRBY', N, 'bytes', 0 - rec.bytes)
+redis.call('HINCRBY', N, 'tokens', 0 - rec.tokens)
+redis.call('HINCRBY', N, 'total', 0 - (rec.start + rec.tokens))
 return raw
 """
 
