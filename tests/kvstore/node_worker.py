@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from cachecard import CardNotFoundError, Store, StoreError
-from store_worker import SHARED, check, identity, kv_for
+from cachecard import Store, StoreError
+from store_worker import SHARED, check, identity, kv_for, load_shared
 
 
 def main() -> None:
@@ -56,12 +56,7 @@ def main() -> None:
                     assert m is not None and m.tokens == len(toks), (m, len(toks))
                     check(store.load(m), toks)
                 elif op == "load":
-                    m = store.match(np.array(SHARED + [1]), ident)  # any node's card: may vanish under us
-                    if m is not None:
-                        try:
-                            check(store.load(m), np.array(SHARED + [1])[:m.tokens])
-                        except CardNotFoundError:
-                            pass
+                    load_shared(store)  # any node's card: may vanish under us
                 elif op == "handoff" and mine:
                     _, cid, toks = mine[int(rng.integers(len(mine)))]
                     to = others[int(rng.integers(len(others)))]

@@ -20,7 +20,7 @@ import pytest
 
 from cachecard import Store
 from cachecard.testing.services import MotoS3, RedisServer, redis_missing
-from store_worker import check, identity, kv_for
+from store_worker import check, identity, kv_for, reap
 
 pytest.importorskip("moto.server")
 pytestmark = [pytest.mark.skipif(bool(redis_missing()), reason=redis_missing() or ""),
@@ -78,10 +78,7 @@ def test_three_nodes_one_bucket_one_redis(tmp_path):
             killer.join()
             results = [p.communicate(timeout=180) for p in procs]
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.communicate()
+            reap(procs)
         assert killed.is_set() and procs[2].returncode == -signal.SIGKILL
         for p, (out, err) in zip(procs[:2], results[:2]):
             assert p.returncode == 0 and out.strip().endswith("done"), err[-3000:]
