@@ -1,6 +1,6 @@
 """Store benchmarks: prefix-match latency, load vs raw read, disk bytes of shared prefixes.
 
-Run: .venv/bin/python bench/store.py   ->  bench/results/store.json
+Run: .venv/bin/python bench/store.py   ->  bench/results/store.json  (Redis parts need redis-server)
 Ratios against a baseline measured in the same run are the result; absolute times vary with the machine.
 
 - match: an index of 100K cards / 1M blocks is populated *directly* through the index interface's commit
@@ -11,6 +11,9 @@ Ratios against a baseline measured in the same run are the result; absolute time
   Store.load (card open included, warm page cache) vs np.fromfile of the card's two shard objects.
 - sharing: 15 agents each saving the same 4K-token context vs one agent saving it (bytes on disk: cards +
   LMDB index pages in use); also 15 agents each adding a private 64-token turn.
+- redis: the same match benchmark on a Redis index; puts/s from 1 and 3 node processes on one bucket (moto S3)
+  and one Redis; a cold node's time to its first match, Redis vs an LMDB index rebuilt from the bucket
+  (bench/store_nodes.py).
 """
 
 from __future__ import annotations
@@ -24,18 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cachecard import CanonicalKV, LayerKind, ModelIdentity, Rope, Store
+from cachecard import CanonicalKV, Store
 from cachecard.kvstore import CardRecord, IndexEntry, keys_of, model_key
+from cachecard.testing.services import RedisServer, redis_missing
+from store_nodes import DIM, HEADS, LAYERS, bench_nodes
+from store_nodes import smollm2_shape as identity
 
-LAYERS, HEADS, DIM = 30, 3, 64
 CARDS, BLOCKS_PER_CARD, BLOCK = 100_000, 10, 64
 QUERIES = 20_000
-
-
-def identity() -> ModelIdentity:
-    return ModelIdentity(name="SmolLM2-135M shape", architecture="llama", num_layers=LAYERS, num_kv_heads=HEADS,
-                         head_dim=DIM, layer_kinds=(LayerKind(),) * LAYERS, rope=Rope(theta=1e5, rotary_dim=DIM),
-                         kv_dtype="float16", weights_hash="sha256:" + "0" * 64, tokenizer_hash="sha256:" + "0" * 64)
 
 
 def kv_of(n: int, seed: int) -> CanonicalKV:
@@ -44,14 +43,16 @@ def kv_of(n: int, seed: int) -> CanonicalKV:
     return CanonicalKV(rng.standard_normal(shape).astype(np.float16), rng.standard_normal(shape).astype(np.float16))
 
 
-def bench_match(d: Path) -> dict[str, float | int]:
+def bench_match(d: Path, index: str | None = None, prefix: str = "") -> dict[str, float | int]:
+    """Match latency over 100K cards / 1M blocks on the index at ``index`` (default: LMDB beside the store);
+    result keys start with ``prefix``."""
     ident = identity()
     mkey = model_key(ident)
     rng = np.random.default_rng(0)
     n_tok = BLOCKS_PER_CARD * BLOCK
     seqs = np.empty((CARDS, n_tok), dtype=np.int32)
     t0 = time.perf_counter()
-    with Store(d / "match", block_tokens=BLOCK, map_size=1 << 30) as st:
+    with Store(d / f"{prefix}match", index=index, block_tokens=BLOCK, map_size=1 << 30) as st:
         batch = 5000
         for start in range(0, CARDS, batch):
             entries = []
@@ -83,9 +84,10 @@ def bench_match(d: Path) -> dict[str, float | int]:
             lat.append(time.perf_counter() - t)
             hits += m is not None
         lat_ms = np.array(lat) * 1e3
-    return {"match_p50_ms": float(np.percentile(lat_ms, 50)), "match_p99_ms": float(np.percentile(lat_ms, 99)),
-            "cards": stats["cards"], "blocks": stats["blocks"], "match_queries": QUERIES, "match_hits": hits,
-            "match_index_bytes": stats["index_bytes"], "match_populate_s": populate_s}
+    out = {"match_p50_ms": float(np.percentile(lat_ms, 50)), "match_p99_ms": float(np.percentile(lat_ms, 99)),
+           "cards": stats["cards"], "blocks": stats["blocks"], "match_queries": QUERIES, "match_hits": hits,
+           "match_index_bytes": stats["index_bytes"], "match_populate_s": populate_s}
+    return {f"{prefix}{k}": v for k, v in out.items()}
 
 
 def best(f, repeats: int = 9) -> tuple[float, float]:  # noqa: ANN001
@@ -172,7 +174,9 @@ def main() -> None:
         "card (open included, warm page cache, best of 9) vs np.fromfile of its two shard objects. "
         "shared_prefix_15_agents_ratio: bytes (cards + LMDB pages in use) when 15 agents each put the same "
         "4K-token context vs one agent; private_turns_*: each agent also adds its own 64-token turn (ratio vs "
-        "one agent with one turn, and vs 15 unshared copies). 2-core shared machine.")
+        "one agent with one turn, and vs 15 unshared copies). redis_*: the same 100K cards / 1M blocks and the "
+        "same queries on a Redis index (redis-server on loopback, AOF everysec), so redis_match_p99_vs_lmdb "
+        "compares them in one run; puts/s and the cold node: see nodes_setup. 2-core shared machine.")
     path = Path(__file__).parent / "results" / "store.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

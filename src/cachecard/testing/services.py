@@ -115,8 +115,12 @@ class MotoS3:
                 "client_kwargs": {"region_name": "us-east-1"}}
 
     def start(self) -> MotoS3:
+        import logging
+
         import boto3
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
 
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
