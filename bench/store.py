@@ -167,6 +167,15 @@ def main() -> None:
         out.update(bench_sharing(d))
         print(json.dumps(out), flush=True)
         out.update(bench_match(d))
+        print(json.dumps(out), flush=True)
+        if redis_missing() is None:
+            with RedisServer(d / "redis") as redis:
+                out.update(bench_match(d, index=redis.url, prefix="redis_"))
+                out["redis_match_p99_vs_lmdb"] = out["redis_match_p99_ms"] / out["match_p99_ms"]
+            print(json.dumps(out), flush=True)
+            out.update(bench_nodes())
+        else:
+            out["redis_skipped"] = redis_missing()
     out["note"] = (
         "match: 100K cards / 1M blocks of 64 tokens indexed directly through Store.index.commit (index entries "
         "as a put writes them, no KV data written); p50/p99 of Store.match end to end over 20K queries (3/4 "

@@ -93,3 +93,17 @@ def test_cli_ls_stats_verify_gc_reindex_rm(tmp_path):
     assert r.exit_code == 1 and "agent id" in r.output
     r = run(app, ["ls", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "no cachecard store" in r.output
+
+
+def test_an_lmdb_index_of_another_store_is_refused(tmp_path):
+    with Store(tmp_path / "one") as one:
+        one_id = one.store_id
+    with pytest.raises(StoreError, match=f"belongs to another store .*{one_id}"):
+        Store(tmp_path / "two", index=tmp_path / "one" / "index")
+    marker = tmp_path / "old" / "cachecard-store.json"  # a store made before store ids: nothing to check
+    Store(tmp_path / "old").close()
+    doc = json.loads(marker.read_text())
+    del doc["store_id"]
+    marker.write_text(json.dumps(doc))
+    with Store(tmp_path / "old") as st:
+        assert st.store_id == "" and "store_id" not in json.loads(marker.read_text())
