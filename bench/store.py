@@ -19,6 +19,7 @@ Ratios against a baseline measured in the same run are the result; absolute time
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -72,6 +73,7 @@ def bench_match(d: Path, index: str | None = None, prefix: str = "") -> dict[str
         stats = st.stats()
         lat = []
         hits = 0
+        server = ServerTimes(index)
         for q in range(QUERIES):
             i = int(rng.integers(0, CARDS))
             cut = int(rng.integers(1, n_tok + 1))
@@ -86,8 +88,31 @@ def bench_match(d: Path, index: str | None = None, prefix: str = "") -> dict[str
         lat_ms = np.array(lat) * 1e3
     out = {"match_p50_ms": float(np.percentile(lat_ms, 50)), "match_p99_ms": float(np.percentile(lat_ms, 99)),
            "cards": stats["cards"], "blocks": stats["blocks"], "match_queries": QUERIES, "match_hits": hits,
-           "match_index_bytes": stats["index_bytes"], "match_populate_s": populate_s}
+           "match_index_bytes": stats["index_bytes"], "match_populate_s": populate_s,
+           "match_load_average_1m": os.getloadavg()[0], **server.result()}
     return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+class ServerTimes:
+    """For a Redis index: the match script's run time inside the server (Redis 7's per-command latency
+    percentiles, reset before the queries), so a tail that comes from the client's machine (scheduling two
+    processes on a busy 2-core host) is told apart from the index's own work."""
+
+    def __init__(self, index: str | None) -> None:
+        self.r = None
+        if index is not None and index.startswith("redis"):
+            import redis
+
+            self.r = redis.Redis.from_url(index.split("?")[0])
+            self.r.config_resetstat()
+
+    def result(self) -> dict[str, float]:
+        if self.r is None:
+            return {}
+        stats = self.r.info("latencystats").get("latency_percentiles_usec_evalsha", {})
+        calls = self.r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        return {"match_server_p50_ms": float(stats.get("p50", "nan")) / 1e3,
+                "match_server_p99_ms": float(stats.get("p99", "nan")) / 1e3, "match_server_calls": calls}
 
 
 def best(f, repeats: int = 9) -> tuple[float, float]:  # noqa: ANN001
