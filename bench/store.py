@@ -196,7 +196,8 @@ def main() -> None:
         if redis_missing() is None:
             with RedisServer(d / "redis") as redis:
                 # a server runs at normal priority; this benchmark (and so the server it starts) may be niced
-                os.setpriority(os.PRIO_PROCESS, redis.proc.pid, 0) if os.geteuid() == 0 else None
+                if os.geteuid() == 0:
+                    os.setpriority(os.PRIO_PROCESS, redis.proc.pid, 0)
                 out.update(bench_match(d, index=redis.url, prefix="redis_"))
                 out["redis_match_p99_vs_lmdb"] = out["redis_match_p99_ms"] / out["match_p99_ms"]
             print(json.dumps(out), flush=True)

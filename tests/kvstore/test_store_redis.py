@@ -162,3 +162,18 @@ def test_cli_takes_a_redis_index(redis, tmp_path):
     r = CliRunner().invoke(app, ["reindex", str(root), "--index", redis.url])
     assert r.exit_code == 0 and "indexed 1 cards, 1 references" in r.output
     assert Path(root, "index").exists() is False  # no LMDB index was made beside the store
+
+
+def test_eviction_and_handoff_span_nodes(redis, tmp_path):
+    """Two nodes on one store: an access on one node counts for LRU eviction run on the other, and a handoff
+    on one node is matchable on the other at once."""
+    root = tmp_path / "s"
+    with Store(root, index=redis.url, block_tokens=16) as a, Store(root, index=redis.url) as b:
+        b.atime_resolution_s = 0.0
+        ids = [a.put(seq_kv(40, seed=i), tokens(40, start=100 * i), IDENT, agent="ann") for i in range(3)]
+        b.load(ids[0])  # node b reads the oldest card: it is now the most recently used, store-wide
+        b.handoff(ids[2], "bob")
+        assert a.match(tokens(40, start=200), IDENT, agent="bob") == Match(ids[2], 40)
+        size = a.cards()[0].bytes
+        assert a.evict(2 * size) == [ids[1]]
+        assert sorted(c.card_id for c in b.cards()) == sorted([ids[0], ids[2]])

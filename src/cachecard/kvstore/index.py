@@ -130,7 +130,7 @@ class IndexStats:
     tokens_stored: int
     tokens_represented: int
     location: str              # where the index lives (a path or a URL without credentials)
-    used_bytes: int            # bytes the index itself occupies
+    used_bytes: int            # bytes the index occupies (Redis: the whole server's used memory)
     capacity_bytes: int        # its current ceiling (LMDB map size; 0 when the engine has none)
     details: tuple[tuple[str, str], ...] = field(default=())   # backend specific, for display
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from zarr.core.buffer import Buffer
 from zarr.storage import FsspecStore, WrapperStore
 
 from cachecard.errors import CacheCardError, StoreError
@@ -25,11 +24,11 @@ class CreateOnlyFsspecStore(WrapperStore[FsspecStore]):
     def at(cls, url: str, storage_options: dict[str, Any] | None) -> CreateOnlyFsspecStore:
         return cls(FsspecStore.from_url(url, storage_options=storage_options))
 
-    async def set(self, key: str, value: Buffer) -> None:
+    async def set(self, key: str, value: Any) -> None:  # value: a zarr Buffer
         inner = self._store
         await inner.fs._pipe_file(f"{inner.path.rstrip('/')}/{key}", value.to_bytes(), mode="create")
 
-    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
         try:
             await self.set(key, value)
         except FileExistsError:
