@@ -38,8 +38,9 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 # -- stores (agent memory: cachecard.kvstore.store) -------------------------------------------------------------
-IndexOpt = Annotated[Optional[str], typer.Option("--index", help="the store's LMDB index directory (default: "
-                                                 "<store>/index, or a per-URL cache dir for remote stores)")]
+IndexOpt = Annotated[Optional[str], typer.Option("--index", help="the store's index: an LMDB directory (default: "
+                                                 "<store>/index, or a per-URL cache dir for remote stores), or "
+                                                 "redis://host:6379/0 for an index shared by many nodes")]
 OptionsOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="fsspec storage option KEY=VALUE "
                                                          "(repeatable), e.g. -o endpoint_url=http://...")]
 StoreArg = Annotated[str, typer.Argument(help="store directory or fsspec URL (s3://bucket/prefix)")]
@@ -296,7 +297,7 @@ def gc(
 
 @app.command()
 def reindex(store: StoreArg, index: IndexOpt = None, option: OptionsOpt = None) -> None:
-    """Rebuild the LMDB index from the card manifests and the agents' references."""
+    """Rebuild the index (LMDB or Redis) from the card manifests and the agents' references."""
     with _store(store, index, option) as st:
         rep = _run_with_bar("reading manifests", lambda p: st.reindex(progress=p))
     out.print(f"indexed {rep.cards} cards, {rep.refs} references, {rep.blocks} blocks", highlight=False)

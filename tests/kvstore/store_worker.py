@@ -41,6 +41,26 @@ def check(kv: CanonicalKV, tokens: np.ndarray) -> None:
         raise AssertionError(f"loaded KV does not match its tokens ({len(tokens)} tokens)")
 
 
+def load_shared(store: Store) -> None:
+    """Load the longest cached prefix of the shared context, whichever agent's card holds it (it may vanish
+    under us: another process deletes it)."""
+    query = np.array(SHARED + [1])
+    m = store.match(query, identity())
+    if m is not None:
+        try:
+            check(store.load(m), query[:m.tokens])
+        except CardNotFoundError:
+            pass
+
+
+def reap(procs: list) -> None:
+    """Kill what is still running of ``procs`` (a test that failed midway) and collect them."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
 def stress(store: Store, agent: str, rng: np.random.Generator, n: int) -> None:
     ident = identity()
     mine: dict[str, np.ndarray] = {}
@@ -59,12 +79,7 @@ def stress(store: Store, agent: str, rng: np.random.Generator, n: int) -> None:
             assert m is not None and m.tokens == len(toks), (m, len(toks))
             check(store.load(m), toks[:m.tokens])
         elif op == "load":
-            m = store.match(np.array(SHARED + [1]), ident)  # any agent's card: may vanish under us
-            if m is not None:
-                try:
-                    check(store.load(m), np.array(SHARED + [1])[:m.tokens])
-                except CardNotFoundError:
-                    pass
+            load_shared(store)
         elif op == "delete" and mine:
             cid = list(mine)[int(rng.integers(len(mine)))]
             store.delete(cid, agent=agent)

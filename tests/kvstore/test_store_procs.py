@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cachecard import Store
+from store_worker import check, reap
 
 WORKER = Path(__file__).parent / "store_worker.py"
 
@@ -27,11 +28,11 @@ def assert_consistent(store: Store) -> None:
     in the store is indexed, every ref object is an index reference."""
     rep = store.verify()
     assert not rep.failures, rep.failures
-    cards, _, refs = store._scan()
-    committed = {c for c, i in cards.items() if i["committed"]}
+    scan = store.objects.scan()
+    committed = {c for c, i in scan.cards.items() if i.committed}
     indexed = {c.card_id for c in store.cards()}
     assert committed == indexed
-    assert {(a, c.card_id) for c in store.cards() for a in c.agents} == refs
+    assert {(a, c.card_id) for c in store.cards() for a in c.agents} == scan.refs
 
 
 def test_processes_put_match_load_delete_on_one_store(tmp_path):
@@ -41,10 +42,7 @@ def test_processes_put_match_load_delete_on_one_store(tmp_path):
     try:
         results = [p.communicate(timeout=240) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+        reap(procs)
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
         assert out.strip().endswith("ok")
@@ -57,8 +55,6 @@ def test_processes_put_match_load_delete_on_one_store(tmp_path):
 
 
 def test_sigkill_writer_leaves_committed_cards_intact_and_orphans_collectable(tmp_path):
-    from store_worker import check
-
     root = tmp_path / "store"
     Store(root).close()
     rng = np.random.default_rng(7)

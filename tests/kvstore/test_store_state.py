@@ -1,16 +1,20 @@
-"""Hypothesis stateful test: the store (index + cards) against a dict model of agents, cards and sequences."""
+"""Store contract, part 3: a hypothesis state machine runs the store (index + cards) against a dict model of
+agents, cards and sequences, once per index backend (tests/kvstore/store_backends.py)."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cachecard import CardNotFoundError, Match, Store
+from store_backends import BACKENDS
 from store_worker import identity, kv_for
 
 B = 8
@@ -30,10 +34,12 @@ def lcp(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 
 
 class StoreModel(RuleBasedStateMachine):
+    backend = BACKENDS["lmdb"]
+
     @initialize()
     def setup(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="cc-state-")
-        self.store = Store(self.dir, block_tokens=B)
+        self.store = Store(self.dir, index=self.backend.index(Path(self.dir)), block_tokens=B)
         self.seq: dict[str, tuple[int, ...]] = {}      # card -> its whole token sequence
         self.agents: dict[str, set[str]] = {}          # card -> agents referencing it
         self.parent: dict[str, str | None] = {}
@@ -148,5 +154,15 @@ class StoreModel(RuleBasedStateMachine):
                 pass
 
 
-StoreModel.TestCase.settings = settings(max_examples=20, stateful_step_count=15, deadline=None)
-test_store_model = StoreModel.TestCase
+def _machine(name: str) -> type:
+    """The state machine's test case on backend ``name`` (skipped where the backend is not available)."""
+    backend = BACKENDS[name]
+    machine = type(f"StoreModel_{name}", (StoreModel,), {"backend": backend})
+    case = machine.TestCase
+    case.settings = settings(max_examples=20, stateful_step_count=15, deadline=None)
+    why = backend.available()
+    return pytest.mark.skipif(bool(why), reason=why or "")(case)
+
+
+for _name in BACKENDS:
+    globals()[f"test_store_model_{_name}"] = _machine(_name)

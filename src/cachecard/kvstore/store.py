@@ -1,16 +1,12 @@
-"""Agent memory over cards: a store of cards with an LMDB prefix index (DESIGN.md §4).
+"""Agent memory over cards: the :class:`Store` facade (DESIGN.md §4, spec/store-1.md).
 
-A store is a directory or an fsspec URL (``s3://bucket/prefix``, ``memory://…``) laid out as::
-
-    cachecard-store.json            {"cachecard_store": 1, "block_tokens": B, ...}: written once, at creation
-    cards/<id[:2]>/<id>/            one card (spec/cachecard-1.md), immutable, named by its card_id
-    refs/<agent>/<id>               an agent's reference to a card (tiny JSON object; its existence counts)
-    index/                          the LMDB index (local stores only; elsewhere a local path, see Store)
-
-The cards and refs objects are the source of truth; the index is derived and ``reindex`` rebuilds it.
-Commit order of a put: card data, card manifest (``write_card``: atomic), ref object, index entry. Deleting
-runs the other way: ref object, index entry, card data. A crash in between leaves at most an orphan that
-``gc`` collects (or adopts, when a ref object says an agent owns it).
+A store keeps cards and the agents' references to them as objects (:mod:`~cachecard.kvstore.objects`: a local
+directory or an fsspec URL such as ``s3://bucket/prefix``), and a derived prefix index behind the
+:class:`~cachecard.kvstore.index.Index` interface (embedded LMDB by default, or Redis shared by many nodes;
+:mod:`~cachecard.kvstore.backends` opens one). Commit order of a put (:mod:`~cachecard.kvstore.puts`): card
+data, card manifest (atomic), ref object, index entry. Deleting runs the other way: ref object, index entry,
+card data. A crash in between leaves at most an orphan that ``gc`` collects (or adopts, when a ref object says
+an agent owns it).
 
 Sharing. ``put`` looks up the longest cached prefix of the new sequence (same model, same codec presets,
 any agent) and writes only the tokens after it, as a card whose manifest ``parent`` points at that prefix.
@@ -20,41 +16,29 @@ Reference counts: a card's data is removed only when no agent references it and 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-import fsspec
 import numpy as np
 
+from cachecard.card import layout
+from cachecard.card.reader import Card
+from cachecard.card.writer import _check_kv_matches_model as check_kv_matches_model  # the writer's own rule
 from cachecard.errors import (
-    CacheCardError, CardNotFoundError, CorruptCardError, IdentityMismatchError, IncompleteCardError, KVShapeError,
-    StoreError,
+    CardNotFoundError, CorruptCardError, IdentityMismatchError, IncompleteCardError, KVShapeError, StoreError,
 )
 from cachecard.kv import CanonicalKV, token_ids
-from cachecard.kvstore import index as ix
-from cachecard.card import layout
-from cachecard.card.reader import Card, open_card
-from cachecard.kvstore.names import (
-    _OPEN_CACHE, ATIME_RESOLUTION_S, DEFAULT_BLOCK_TOKENS, STORE_FILE, STORE_VERSION, check_agent, check_card_id,
-)
-from cachecard.kvstore.scans import GcReport, ReindexReport, StoreScans, VerifyStoreReport
-from cachecard.card.writer import write_card
-from cachecard.manifest import CardManifest, ModelIdentity, ParentRef
-
-
-@dataclass(frozen=True)
-class Match:
-    """The longest cached prefix of a token sequence: ``tokens`` tokens of card ``card_id``'s sequence."""
-
-    card_id: str
-    tokens: int
+from cachecard.kvstore import eviction, maintenance, puts
+from cachecard.kvstore.backends import open_index
+from cachecard.kvstore.card_cache import DEFAULT_CACHE_BYTES, CardCache
+from cachecard.kvstore.index import CardRecord, Index, Match, Segment, require, segments, sequence_of
+from cachecard.kvstore.maintenance import GcReport, ReindexReport, VerifyStoreReport
+from cachecard.kvstore.names import _OPEN_CACHE, ATIME_RESOLUTION_S, STORE_FILE, Progress, check_agent, check_card_id
+from cachecard.kvstore.objects import StoreObjects
+from cachecard.kvstore.prefix import keys_of, model_key
+from cachecard.manifest import ModelIdentity
 
 
 @dataclass(frozen=True)
@@ -73,7 +57,7 @@ class CardInfo:
     model: str             # model key (hex) prefix
 
 
-class Store(StoreScans):
+class Store:
     """A store of cards for agents: put / match / load / handoff / delete / evict / gc / verify / reindex.
 
     Parameters
@@ -81,7 +65,9 @@ class Store(StoreScans):
     root
         A local directory or an fsspec URL (``s3://bucket/prefix``, ``memory://name``).
     index
-        Where the LMDB index lives (always on local disk). Default: ``<root>/index`` for a local store, and
+        Where the index lives: a local directory for the embedded LMDB index, or a ``redis://host:6379/0``
+        URL for an index shared by every node of the store (``?namespace=NAME`` to share one database between
+        stores). Default: LMDB at ``<root>/index`` for a local store, and at
         ``$XDG_CACHE_HOME/cachecard/index/<sha256(url)[:16]>`` for a URL.
     create
         Create the store if it does not exist (else :class:`StoreError`).
@@ -91,37 +77,37 @@ class Store(StoreScans):
         fsspec options for a URL (e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for S3).
     map_size
         Initial LMDB map size; it doubles by itself whenever it fills.
+    open_cache
+        How many opened cards (metadata and token ids, not KV) to keep; 0 opens a card on every read.
+    cache_dir, cache_bytes
+        A local directory where a remote store's cards are kept after their first read (a bounded LRU of at
+        most ``cache_bytes``), so a node restores a popular card from its own disk. Off by default.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, index: str | os.PathLike[str] | None = None,
                  create: bool = True, block_tokens: int | None = None,
-                 storage_options: dict[str, Any] | None = None, map_size: int = ix.DEFAULT_MAP_SIZE) -> None:
+                 storage_options: dict[str, Any] | None = None, map_size: int | None = None,
+                 open_cache: int = _OPEN_CACHE, cache_dir: str | os.PathLike[str] | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.root_label = str(root)
-        self._opts = dict(storage_options or {})
-        url = str(root)
-        self.remote = "://" in url and not url.startswith("file://")
-        if self.remote:
-            self.fs, self._base = fsspec.core.url_to_fs(url, **self._opts)
-            self._base = self._base.rstrip("/")
-        else:
-            self.fs = fsspec.filesystem("file")
-            self._base = str(Path(url.removeprefix("file://")).absolute())
-        self.block_tokens = self._open_root(create, block_tokens)
-        if index is None:
-            if self.remote:
-                import hashlib
-
-                cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                index = cache / "cachecard" / "index" / hashlib.sha256(url.encode()).hexdigest()[:16]
-            else:
-                index = Path(self._base) / "index"
-        try:
-            self.index = ix.Index(index, map_size=map_size)
-        except OSError as e:
-            raise ix._os_error(e, "cannot create the index") from e
+        cache = CardCache(cache_dir, cache_bytes) if cache_dir is not None else None
+        self.objects = StoreObjects(root, storage_options, cache)
+        info = self.objects.open_root(create, block_tokens)
+        self.block_tokens = info.block_tokens
+        self.index: Index = open_index(index, self.objects, map_size=map_size)
         self._cards: dict[str, Card] = {}
+        self._open_cache = open_cache
         self.atime_resolution_s = ATIME_RESOLUTION_S
-        self._check_meta()
+        try:
+            self.store_id = info.store_id or (self.objects.give_store_id() if self.index.shared else "")
+            self.index.bind(self.store_id, self.block_tokens, self.root_label)
+        except BaseException:
+            self.index.close()
+            raise
+
+    @property
+    def remote(self) -> bool:
+        return self.objects.remote
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -134,93 +120,9 @@ class Store(StoreScans):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _open_root(self, create: bool, block_tokens: int | None) -> int:
-        marker = f"{self._base}/{STORE_FILE}"
-        try:
-            doc = json.loads(self.fs.cat_file(marker))
-        except FileNotFoundError:
-            doc = None
-        except NotADirectoryError:
-            raise StoreError(f"{self.root_label!r} is a file; a store is a directory (or a URL prefix). Give a "
-                             "new or empty directory to create one") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise StoreError(f"{marker!r} is not valid JSON ({e}); this is not a cachecard store") from e
-        if doc is None:
-            if not create:
-                raise StoreError(f"no cachecard store at {self.root_label!r} (no {STORE_FILE}); create it with "
-                                 "Store(..., create=True)")
-            if not self.remote and Path(self._base).is_dir() and any(Path(self._base).iterdir()):
-                held = ", ".join(sorted(p.name for p in Path(self._base).iterdir())[:5])
-                raise StoreError(f"{self.root_label!r} holds other data ({held}), not a store: a store takes a new "
-                                 "or empty directory (its cards live under it by id; cards written elsewhere are "
-                                 "not in its index)")
-            b = DEFAULT_BLOCK_TOKENS if block_tokens is None else block_tokens
-            if not isinstance(b, int) or not 1 <= b <= 1 << 16:
-                raise StoreError(f"block_tokens must be an integer in [1, 65536]; got {b!r}")
-            doc = {"cachecard_store": STORE_VERSION, "block_tokens": b,
-                   "layout": "cards/<id[:2]>/<id>, refs/<agent>/<id>", "hash": "blake2b-128 chained, int32 LE"}
-            self._write_small(marker, json.dumps(doc, indent=1).encode())
-        if not isinstance(doc, dict) or doc.get("cachecard_store") != STORE_VERSION:
-            raise StoreError(f"{marker!r} is not a version {STORE_VERSION} cachecard store "
-                             f"(cachecard_store={doc.get('cachecard_store') if isinstance(doc, dict) else doc!r}); "
-                             "upgrade cachecard")
-        b = doc.get("block_tokens")
-        if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 1 << 16:
-            raise StoreError(f"{marker!r} has an invalid block_tokens {b!r}")
-        if block_tokens is not None and block_tokens != b:
-            raise StoreError(f"the store at {self.root_label!r} uses block_tokens={b}, not {block_tokens}; "
-                             "leave block_tokens unset to use the store's")
-        return b
-
-    def _check_meta(self) -> None:
-        def check(txn: Any) -> None:
-            got = self.index.get_json(txn, "meta", b"store")
-            want = {"version": ix.INDEX_VERSION, "block_tokens": self.block_tokens}
-            if got is None:
-                self.index.put_json(txn, "meta", b"store", want)
-            elif got != want:
-                raise StoreError(f"the index at {str(self.index.path)!r} was built for {got}, not {want}; "
-                                 "delete it and run `cachecard reindex`")
-
-        self.index.write(check)
-
-    # -- locations ----------------------------------------------------------------------------------------
-    def _rel_card(self, card_id: str) -> str:
-        return f"cards/{card_id[:2]}/{card_id}"
-
     def card_location(self, card_id: str) -> str:
         """Where card ``card_id`` lives: a local path or a URL (readable with ``open_card``)."""
-        path = f"{self._base}/{self._rel_card(check_card_id(card_id))}"
-        return self.fs.unstrip_protocol(path) if self.remote else path
-
-    def _write_small(self, path: str, data: bytes) -> None:
-        try:
-            if not self.remote:
-                p = Path(path)
-                p.parent.mkdir(parents=True, exist_ok=True)
-                tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, p)
-            else:
-                self.fs.pipe_file(path, data)
-        except OSError as e:
-            raise ix._os_error(e, f"cannot write {path!r}") from e
-
-    def _ref_path(self, agent: str, card_id: str) -> str:
-        return f"{self._base}/refs/{agent}/{card_id}"
-
-    def _write_ref(self, agent: str, card_id: str) -> None:
-        self._write_small(self._ref_path(agent, card_id),
-                          json.dumps({"agent": agent, "card_id": card_id, "time": time.time()}).encode())
-
-    def _delete_ref(self, agent: str, card_id: str) -> None:
-        try:
-            self.fs.rm_file(self._ref_path(agent, card_id))
-        except FileNotFoundError:
-            pass
+        return self.objects.card_location(card_id)
 
     # -- put ----------------------------------------------------------------------------------------------
     def put(self, kv: CanonicalKV, tokens: Sequence[int] | np.ndarray, model: ModelIdentity, *, agent: str,
@@ -240,119 +142,10 @@ class Store(StoreScans):
         if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() > 2**31 - 1):
             raise KVShapeError("token ids must be integers in [0, 2**31-1]")
         ids = ids.astype("<i4")
-        codecs = (codec, codec) if isinstance(codec, str) else tuple(codec)
-        mkey = ix.model_key(model)
-        raw = ix.token_bytes(ids)
-        hashes = ix.chain(mkey, raw, self.block_tokens)
-        n = len(ids)
-        for _attempt in range(8):
-            plan = self.index.write(lambda txn: self._plan_put(txn, mkey, ids, raw, hashes, codecs, agent, share))
-            if plan[0] == "existing":
-                card_id = plan[1]
-                self._write_ref(agent, card_id)
-                if self.index.write(lambda txn: self._add_ref_txn(txn, agent, card_id)):
-                    return card_id
-                self._delete_ref(agent, card_id)  # the card went away in between: plan again
-                continue
-            _, card_id, parent = plan
-            break
-        else:  # pragma: no cover - needs 8 lost races in a row
-            raise StoreError("could not place the card: other processes kept deleting its prefix; try again")
-        p = parent.tokens if parent else 0
-        try:
-            sub = CanonicalKV(kv.k[:, :, p:], kv.v[:, :, p:])
-            manifest = write_card(self.card_location(card_id), sub, ids[p:], model, codec=codec,
-                                  chunk_tokens=chunk_tokens, parent=parent, card_id=card_id,
-                                  storage_options=self._opts or None)
-            nbytes = self._card_bytes(card_id)
-            self._write_ref(agent, card_id)
-        except BaseException as e:
-            self._abandon(card_id, parent, agent)
-            if isinstance(e, OSError) and not isinstance(e, CacheCardError):
-                raise ix._os_error(e, f"cannot write card {card_id}") from e
-            raise
-        tail = None
-        t = n - len(hashes) * self.block_tokens
-        if t:
-            tail = (ix.tail_key(mkey, hashes), t, ix.tail_hash(mkey, hashes, raw[4 * (n - t):]))
-        record = self._record(manifest, mkey, nbytes, total=n)
-        self.index.write(lambda txn: self._commit_txn(txn, card_id, record, hashes, tail, agent))
-        return card_id
-
-    def _plan_put(self, txn: Any, mkey: bytes, ids: np.ndarray, raw: bytes, hashes: list[bytes],
-                  codecs: tuple[str, ...], agent: str, share: bool) -> tuple[Any, ...]:
-        m = self._match_txn(txn, mkey, raw, hashes, agent=None, codecs=codecs) if share else None
-        if m is not None and m.tokens == len(ids):
-            rec = self.index.get_json(txn, "cards", ix.cid(m.card_id))
-            if rec["start"] + rec["tokens"] == len(ids):
-                return ("existing", m.card_id)
-        card_id = uuid.uuid4().hex
-        parent = ParentRef(card_id=m.card_id, tokens=m.tokens) if m is not None else None
-        if parent is not None:  # pin the parent: nobody may collect it while this card is written
-            txn.put(ix.cid(m.card_id) + ix.cid(card_id), b"", db=self.index.dbs["children"])
-        self.index.put_json(txn, "pending", ix.cid(card_id), {"parent": m.card_id if m else None, "agent": agent,
-                                                              "time": time.time()})
-        return ("new", card_id, parent)
-
-    def _abandon(self, card_id: str, parent: ParentRef | None, agent: str) -> None:
-        """Undo a put that failed before its index commit (best effort; gc finishes the job otherwise)."""
-        try:
-            self._delete_ref(agent, card_id)
-            self._delete_card_data(card_id)
-        except Exception:  # noqa: BLE001 - the original error matters more; gc collects what is left
-            pass
-
-        def undo(txn: Any) -> None:
-            txn.delete(ix.cid(card_id), db=self.index.dbs["pending"])
-            if parent is not None:
-                txn.delete(ix.cid(parent.card_id) + ix.cid(card_id), db=self.index.dbs["children"])
-
-        try:
-            self.index.write(undo)
-        except Exception:  # noqa: BLE001
-            pass
-
-    def _record(self, manifest: CardManifest, mkey: bytes, nbytes: int, *, total: int) -> dict[str, Any]:
-        p = manifest.parent
-        return {"model": mkey.hex(), "start": p.tokens if p else 0, "tokens": manifest.tokens.count,
-                "parent": p.card_id if p else None, "bytes": nbytes,
-                "codecs": [manifest.codecs.k, manifest.codecs.v], "created": manifest.created.timestamp()}
-
-    def _commit_txn(self, txn: Any, card_id: str, record: dict[str, Any], hashes: list[bytes],
-                    tail: tuple[bytes, int, bytes] | None, agent: str | None, agents: Iterable[str] = (),
-                    atime: float | None = None) -> None:
-        d = self.index.dbs
-        c = ix.cid(card_id)
-        if tail is not None:
-            record["tail"] = [tail[0].hex(), tail[1], tail[2].hex()]
-            txn.put(tail[0], ix.pack_tail(c, tail[1], tail[2]), db=d["tails"], dupdata=True)
-        self.index.put_json(txn, "cards", c, record)
-        txn.put(c, b"".join(hashes), db=d["cblocks"])
-        for h in hashes:
-            txn.put(h, c, db=d["blocks"], dupdata=True)
-        if record["parent"]:
-            txn.put(ix.cid(record["parent"]) + c, b"", db=d["children"])
-        now = time.time()
-        for a in ([agent] if agent else []) + list(agents):
-            txn.put(ix.ref_key(a, c), ix.f64(now), db=d["refs"])
-            txn.put(c + a.encode(), b"", db=d["owners"])
-        txn.put(c, ix.f64(atime if atime is not None else now), db=d["atime"])
-        txn.delete(c, db=d["pending"])
-
-    def _add_ref_txn(self, txn: Any, agent: str, card_id: str) -> bool:
-        c = ix.cid(card_id)
-        if txn.get(c, db=self.index.dbs["cards"]) is None:
-            return False
-        txn.put(ix.ref_key(agent, c), ix.f64(time.time()), db=self.index.dbs["refs"])
-        txn.put(c + agent.encode(), b"", db=self.index.dbs["owners"])
-        txn.put(c, ix.f64(time.time()), db=self.index.dbs["atime"])
-        return True
-
-    def _card_bytes(self, card_id: str) -> int:
-        path = f"{self._base}/{self._rel_card(card_id)}"
-        if not self.remote:
-            return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-        return sum(info["size"] for info in self.fs.find(path, detail=True).values())
+        check_kv_matches_model(kv, model)  # also when the sequence is stored already: a wrong KV is an error
+        keys = keys_of(model_key(model), ids, self.block_tokens)
+        return puts.put(self.objects, self.index, kv, ids, keys, model, agent=agent, codec=codec,
+                        chunk_tokens=chunk_tokens, share=share)
 
     # -- match --------------------------------------------------------------------------------------------
     def match(self, tokens: Sequence[int] | np.ndarray, model: ModelIdentity, agent: str | None = None) -> Match | None:
@@ -363,58 +156,7 @@ class Store(StoreScans):
         ids = token_ids(tokens)
         if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() > 2**31 - 1)):
             raise KVShapeError("tokens must be a 1-d sequence of token ids in [0, 2**31-1]")
-        mkey = ix.model_key(model)
-        raw = ix.token_bytes(ids)
-        hashes = ix.chain(mkey, raw, self.block_tokens)
-        with self.index.read() as txn:
-            return self._match_txn(txn, mkey, raw, hashes, agent=agent, codecs=None)
-
-    def _match_txn(self, txn: Any, mkey: bytes, raw: bytes, hashes: list[bytes], *, agent: str | None,
-                   codecs: tuple[str, ...] | None) -> Match | None:
-        d = self.index.dbs
-
-        def visible(c: bytes) -> bool:
-            if agent is not None and txn.get(ix.ref_key(agent, c), db=d["refs"]) is None:
-                return False
-            if codecs is not None:
-                rec = self.index.get_json(txn, "cards", c)
-                if rec is None or tuple(rec["codecs"]) != codecs:
-                    return False
-            return True
-
-        def holder(i: int) -> bytes | None:  # a visible card holding block i-1 (i >= 1)
-            for c in self.index.dups(txn, "blocks", hashes[i - 1]):
-                if visible(c):
-                    return c
-            return None
-
-        lo, hi, best = 0, len(hashes), None  # the number of matched blocks is in [lo, hi]
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            c = holder(mid)
-            if c is not None:
-                lo, best = mid, c
-            else:
-                hi = mid - 1
-        B = self.block_tokens
-        n_tok = len(raw) // 4
-        matched = lo * B
-        # a card that ends inside the next block
-        key = hashes[lo - 1] if lo else mkey[:ix.HASH_BYTES]
-        prev = hashes[lo - 1] if lo else mkey
-        seen: dict[int, bytes] = {}
-        best_tail = 0
-        for value in self.index.dups(txn, "tails", key):
-            c, t, h = ix.unpack_tail(value)
-            if t <= best_tail or matched + t > n_tok:
-                continue
-            if t not in seen:
-                seen[t] = ix._h(prev, raw[4 * matched:4 * (matched + t)])
-            if seen[t] == h and visible(c):
-                best_tail, best = t, c
-        if best is None:
-            return None
-        return Match(best.hex(), matched + best_tail)
+        return self.index.match(keys_of(model_key(model), ids, self.block_tokens), agent=agent)
 
     # -- load ---------------------------------------------------------------------------------------------
     def load(self, what: str | Match, *, tokens: int | slice | range | None = None,
@@ -423,12 +165,10 @@ class Store(StoreScans):
         matched prefix of a :class:`Match`. ``tokens=n`` means the first n; only needed chunks are read,
         in parallel across the cards of the chain. With ``model``, a card of another model is refused."""
         card_id, default = (what.card_id, what.tokens) if isinstance(what, Match) else (what, None)
-        check_card_id(card_id)
-        rec = self._rec(card_id)
-        total = rec["start"] + rec["tokens"]
-        if model is not None and ix.model_key(model).hex() != rec["model"]:
-            card = self._open(card_id, rec)
-            diffs = card.manifest.model.mismatches(model)
+        rec = require(self.index, check_card_id(card_id))
+        total = rec.total
+        if model is not None and model_key(model).hex() != rec.model:
+            diffs = self._open(rec).manifest.model.mismatches(model)
             raise IdentityMismatchError("the card was made by another model: " + "; ".join(diffs or ["model key"]),
                                         card=card_id)
         if tokens is None:
@@ -441,27 +181,37 @@ class Store(StoreScans):
             tokens = range(*tokens.indices(total))
         if not isinstance(tokens, range) or tokens.step != 1 or tokens.start < 0 or tokens.stop > total:
             raise ValueError(f"tokens must be an int, or a contiguous range within [0, {total}); got {tokens!r}")
-        segs = self._segments(card_id, rec, tokens.start, max(tokens.start, tokens.stop))
-        try:
-            cards = [self._open(c, r) for c, r, _, _ in segs]
-
-            def read(i: int) -> CanonicalKV:
-                _, _, a, b = segs[i]
-                return cards[i].read(layers=layers, tokens=slice(a, b))
-
-            if len(segs) == 1:
-                parts = [read(0)]
-            else:
-                with ThreadPoolExecutor(min(8, len(segs))) as pool:
-                    parts = list(pool.map(read, range(len(segs))))
-        except (CardNotFoundError, IncompleteCardError, CorruptCardError, OSError) as e:
-            if any(self._rec(c, missing_ok=True) is None for c, _, _, _ in segs):
-                raise CardNotFoundError("the card was deleted while it was being read", card=card_id) from e
-            raise
-        self._touch(card_id)
+        segs = segments(self.index, card_id, rec, tokens.start, max(tokens.start, tokens.stop))
+        for attempt in (0, 1):
+            try:
+                parts = self._read_segments(segs, layers)
+                break
+            except (CardNotFoundError, IncompleteCardError, CorruptCardError, OSError, StoreError) as e:
+                if any(self.index.record(c) is None for c, _, _, _ in segs):
+                    raise CardNotFoundError("the card was deleted while it was being read", card=card_id) from e
+                if attempt or self.objects.cache is None:
+                    raise
+                for c, _, _, _ in segs:  # a cached copy removed by another process: read from the store again
+                    self._cards.pop(c, None)
+                    self.objects.forget_cached(c)
+        self.index.touch(card_id, self.atime_resolution_s)
         if len(parts) == 1:
             return parts[0]
         return CanonicalKV(np.concatenate([p.k for p in parts], axis=2), np.concatenate([p.v for p in parts], axis=2))
+
+    def _read_segments(self, segs: list[Segment], layers: range | slice | int | None) -> list[CanonicalKV]:
+        """Read each piece of a sequence, in parallel across the cards of the chain."""
+        cards = [self._open(r) for _, r, _, _ in segs]
+
+        def read(i: int) -> CanonicalKV:
+            _, _, a, b = segs[i]
+            with self.objects.service(f"reading card {segs[i][0]}"):
+                return cards[i].read(layers=layers, tokens=slice(a, b))
+
+        if len(segs) == 1:
+            return [read(0)]
+        with ThreadPoolExecutor(min(8, len(segs))) as pool:
+            return list(pool.map(read, range(len(segs))))
 
     def parts(self, what: str | Match, *, tokens: int | None = None) -> list[tuple[Card, int]]:
         """The opened cards that hold the first ``tokens`` tokens of a card's sequence (default: all of it, or
@@ -469,82 +219,27 @@ class Store(StoreScans):
         For runtimes that read cards their own way (``cachecard.adapters.torch_read``); :meth:`load` is the
         plain path."""
         card_id, default = (what.card_id, what.tokens) if isinstance(what, Match) else (what, None)
-        check_card_id(card_id)
-        rec = self._rec(card_id)
-        total = rec["start"] + rec["tokens"]
-        n = tokens if tokens is not None else default if default is not None else total
-        if not 0 <= n <= total:
-            raise IndexError(f"card {card_id} holds {total} tokens; cannot take {n}")
-        segs = self._segments(card_id, rec, 0, n)
-        out = [(self._open(c, r), b) for c, r, a, b in segs if b > a]
-        self._touch(card_id)
+        rec = require(self.index, check_card_id(card_id))
+        n = tokens if tokens is not None else default if default is not None else rec.total
+        if not 0 <= n <= rec.total:
+            raise IndexError(f"card {card_id} holds {rec.total} tokens; cannot take {n}")
+        out = [(self._open(r), b) for _, r, a, b in segments(self.index, card_id, rec, 0, n) if b > a]
+        self.index.touch(card_id, self.atime_resolution_s)
         return out
 
     def tokens_of(self, card_id: str) -> np.ndarray:
         """The whole token sequence of a card (its parents' prefix included)."""
-        rec = self._rec(check_card_id(card_id))
-        segs = self._segments(card_id, rec, 0, rec["start"] + rec["tokens"])
-        parts = [self._open(c, r).token_ids()[a:b] for c, r, a, b in segs]
-        return np.concatenate(parts) if parts else np.zeros(0, "<i4")
+        return sequence_of(self.index, self._open, check_card_id(card_id))
 
-    def _segments(self, card_id: str, rec: dict[str, Any], a: int, b: int) -> list[tuple[str, dict[str, Any], int, int]]:
-        """(card, record, own start, own stop) pieces that make tokens [a, b) of ``card_id``'s sequence."""
-        out = []
-        while True:
-            s = rec["start"]
-            if b > s:
-                out.append((card_id, rec, max(a, s) - s, b - s))
-            if a >= s or rec["parent"] is None:
-                break
-            b = min(b, s)
-            card_id = rec["parent"]
-            rec = self._rec(card_id)
-        out.reverse()
-        return out or [(card_id, rec, 0, 0)]
-
-    def _rec(self, card_id: str, missing_ok: bool = False) -> dict[str, Any] | None:
-        with self.index.read() as txn:
-            rec = self.index.get_json(txn, "cards", ix.cid(card_id))
-        if rec is None and not missing_ok:
-            raise CardNotFoundError("no such card in this store (deleted, never stored, or the index is stale: "
-                                    "run `cachecard reindex`)", card=card_id)
-        return rec
-
-    def _open(self, card_id: str, rec: dict[str, Any]) -> Card:
-        card = self._cards.get(card_id)
+    def _open(self, rec: CardRecord) -> Card:
+        card = self._cards.get(rec.card_id)
         if card is None:
-            card = open_card(self.card_location(card_id), storage_options=self._opts or None)
-            m = card.manifest
-            problems = []
-            if m.card_id != card_id:
-                problems.append(f"its manifest says card_id {m.card_id}")
-            if ix.model_key(m.model).hex() != rec["model"]:
-                problems.append("its model identity differs from the one indexed")
-            if (m.parent.card_id if m.parent else None) != rec["parent"] or m.start_position != rec["start"] \
-                    or m.tokens.count != rec["tokens"]:
-                problems.append("its parent or token count differs from the index")
-            if problems:
-                raise CorruptCardError("the card stored under this id does not match the index (" + "; ".join(problems)
-                                       + "); run `cachecard verify` and `cachecard reindex`", card=card_id)
-            if len(self._cards) >= _OPEN_CACHE:
-                self._cards.pop(next(iter(self._cards)))
-            self._cards[card_id] = card
+            card = self.objects.open_indexed(rec)
+            if self._open_cache > 0:
+                if len(self._cards) >= self._open_cache:
+                    self._cards.pop(next(iter(self._cards)))
+                self._cards[rec.card_id] = card
         return card
-
-    def _touch(self, card_id: str) -> None:
-        """Record an access for LRU eviction; at most one index commit per card per ATIME_RESOLUTION_S
-        (like relatime; ``atime_resolution_s``), so frequent loads do not each pay an fsync."""
-        c = ix.cid(card_id)
-        with self.index.read() as txn:
-            last = txn.get(c, db=self.index.dbs["atime"])
-        if last is not None and time.time() - ix.unf64(last) < self.atime_resolution_s:
-            return
-
-        def touch(txn: Any) -> None:
-            if txn.get(c, db=self.index.dbs["cards"]) is not None:
-                txn.put(c, ix.f64(time.time()), db=self.index.dbs["atime"])
-
-        self.index.write(touch)
 
     # -- sharing and removal ------------------------------------------------------------------------------
     def handoff(self, card_id: str, to_agent: str, *, from_agent: str | None = None) -> None:
@@ -554,13 +249,12 @@ class Store(StoreScans):
         check_agent(to_agent)
         if from_agent is not None:
             check_agent(from_agent)
-            with self.index.read() as txn:
-                if txn.get(ix.ref_key(from_agent, ix.cid(card_id)), db=self.index.dbs["refs"]) is None:
-                    raise CardNotFoundError(f"agent {from_agent!r} holds no reference to this card", card=card_id)
-        self._rec(card_id)
-        self._write_ref(to_agent, card_id)
-        if not self.index.write(lambda txn: self._add_ref_txn(txn, to_agent, card_id)):
-            self._delete_ref(to_agent, card_id)
+            if not self.index.has_ref(from_agent, card_id):
+                raise CardNotFoundError(f"agent {from_agent!r} holds no reference to this card", card=card_id)
+        require(self.index, card_id)
+        self.objects.write_ref(to_agent, card_id)
+        if not self.index.add_ref(to_agent, card_id):
+            self.objects.delete_ref(to_agent, card_id)
             raise CardNotFoundError("the card was deleted before the handoff committed", card=card_id)
         if from_agent is not None and from_agent != to_agent:
             self.delete(card_id, agent=from_agent)
@@ -569,26 +263,18 @@ class Store(StoreScans):
         """Remove ``agent``'s reference to a card (every agent's with ``agent=None``); return the ids of
         cards whose data was removed because nothing references them any more (the card, then parents
         that only it continued). A card other cards continue stays as their parent, without agents."""
-        check_card_id(card_id)
-        c = ix.cid(card_id)
-        with self.index.read() as txn:
-            if txn.get(c, db=self.index.dbs["cards"]) is None:
-                raise CardNotFoundError("no such card in this store", card=card_id)
-            agents = [k[16:].decode() for k, _ in self.index.prefixed(txn, "owners", c)]
+        self.objects.card_path(check_card_id(card_id))  # a card that is a symbolic link: refuse before any change
+        if self.index.record(card_id) is None:
+            raise CardNotFoundError("no such card in this store", card=card_id)
+        agents = self.index.owners(card_id)
         if agent is not None:
             check_agent(agent)
             if agent not in agents:
                 raise CardNotFoundError(f"agent {agent!r} holds no reference to this card", card=card_id)
-            agents = [agent]
+            agents = (agent,)
         for a in agents:
-            self._delete_ref(a, card_id)
-
-        def unref(txn: Any) -> None:
-            for a in agents:
-                txn.delete(ix.ref_key(a, c), db=self.index.dbs["refs"])
-                txn.delete(c + a.encode(), db=self.index.dbs["owners"])
-
-        self.index.write(unref)
+            self.objects.delete_ref(a, card_id)
+        self.index.remove_refs((a, card_id) for a in agents)
         return self._collect([card_id])
 
     def drop_agent(self, agent: str) -> list[str]:
@@ -602,65 +288,10 @@ class Store(StoreScans):
         return freed
 
     def _collect(self, candidates: list[str]) -> list[str]:
-        """Remove each candidate that no agent and no child references (then its parent, and so on)."""
-        freed = []
-        todo = list(candidates)
-        while todo:
-            card_id = todo.pop()
-            rec = self.index.write(lambda txn: self._unindex_if_unused(txn, card_id))
-            if rec is None:
-                continue
-            self._delete_card_data(card_id)
+        freed = maintenance.collect(self.objects, self.index, candidates)
+        for card_id in freed:
             self._cards.pop(card_id, None)
-            freed.append(card_id)
-            if rec["parent"]:
-                todo.append(rec["parent"])
         return freed
-
-    def _unindex_if_unused(self, txn: Any, card_id: str) -> dict[str, Any] | None:
-        c = ix.cid(card_id)
-        rec = self.index.get_json(txn, "cards", c)
-        if rec is None or any(True for _ in self.index.prefixed(txn, "owners", c)) \
-                or any(True for _ in self.index.prefixed(txn, "children", c)):
-            return None
-        self._unindex_txn(txn, card_id, rec)
-        return rec
-
-    def _unindex_txn(self, txn: Any, card_id: str, rec: dict[str, Any]) -> None:
-        d = self.index.dbs
-        c = ix.cid(card_id)
-        hashes = txn.get(c, db=d["cblocks"]) or b""
-        for i in range(0, len(hashes), ix.HASH_BYTES):
-            txn.delete(hashes[i:i + ix.HASH_BYTES], c, db=d["blocks"])
-        if rec.get("tail"):
-            k, t, h = rec["tail"]
-            txn.delete(bytes.fromhex(k), ix.pack_tail(c, t, bytes.fromhex(h)), db=d["tails"])
-        for k, _ in list(self.index.prefixed(txn, "owners", c)):
-            txn.delete(ix.ref_key(k[16:].decode(), c), db=d["refs"])
-            txn.delete(k, db=d["owners"])
-        if rec["parent"]:
-            txn.delete(ix.cid(rec["parent"]) + c, db=d["children"])
-        for name in ("cards", "cblocks", "atime", "pending"):
-            txn.delete(c, db=d[name])
-
-    def _delete_card_data(self, card_id: str) -> None:
-        path = f"{self._base}/{self._rel_card(card_id)}"
-        if not self.remote:
-            p = Path(path)
-            if not p.exists():
-                return
-            trash = p.parent / f".{card_id}.trash-{uuid.uuid4().hex}"
-            os.rename(p, trash)  # the card disappears at once; a crash leaves trash that gc removes
-            shutil.rmtree(trash, ignore_errors=True)
-            return
-        try:
-            self.fs.rm_file(f"{path}/zarr.json")  # un-commit first: readers see an incomplete card
-        except FileNotFoundError:
-            pass
-        try:
-            self.fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
 
     def evict(self, max_bytes: int, *, agent: str | None = None) -> list[str]:
         """Bring the store (or, with ``agent``, that agent's footprint) down to ``max_bytes``, least recently
@@ -672,74 +303,55 @@ class Store(StoreScans):
         removed only where no other agent or card still uses it. Returns the ids of cards removed."""
         if agent is not None:
             check_agent(agent)
-        freed: list[str] = []
-        while True:
-            with self.index.read() as txn:
-                d = self.index.dbs
-                if agent is None:
-                    total = sum(json.loads(v)["bytes"] for _, v in txn.cursor(db=d["cards"]))
-                    pool = [k for k, _ in txn.cursor(db=d["cards"])
-                            if not any(True for _ in self.index.prefixed(txn, "children", k))]
-                else:
-                    mine = [k[len(agent) + 1:] for k, _ in self.index.prefixed(txn, "refs", agent.encode() + b"\x00")]
-                    total = sum(self.index.get_json(txn, "cards", c)["bytes"] for c in mine)
-                    pool = mine
-                if total <= max_bytes or not pool:
-                    return freed
-                victim = min(pool, key=lambda c: ix.unf64(txn.get(c, db=d["atime"]) or ix.f64(0.0))).hex()
-            try:
-                freed += self.delete(victim, agent=agent)
-            except CardNotFoundError:
-                continue
+        return eviction.evict(self.index, lambda c, a: self.delete(c, agent=a), max_bytes, agent)
 
     # -- listing and stats --------------------------------------------------------------------------------
     def cards(self, agent: str | None = None) -> list[CardInfo]:
         """Every indexed card (only ``agent``'s with ``agent``), oldest first."""
-        out = []
-        with self.index.read() as txn:
-            d = self.index.dbs
-            if agent is not None:
-                keys = [k[len(check_agent(agent)) + 1:]
-                        for k, _ in self.index.prefixed(txn, "refs", agent.encode() + b"\x00")]
-            else:
-                keys = [k for k, _ in txn.cursor(db=d["cards"])]
-            for c in keys:
-                rec = self.index.get_json(txn, "cards", c)
-                if rec is None:
-                    continue
-                out.append(CardInfo(
-                    card_id=c.hex(), agents=tuple(k[16:].decode() for k, _ in self.index.prefixed(txn, "owners", c)),
-                    tokens=rec["tokens"], total=rec["start"] + rec["tokens"], parent=rec["parent"],
-                    parent_tokens=rec["start"], children=sum(1 for _ in self.index.prefixed(txn, "children", c)),
-                    bytes=rec["bytes"], codecs=tuple(rec["codecs"]), created=rec["created"],  # type: ignore[arg-type]
-                    accessed=ix.unf64(txn.get(c, db=d["atime"]) or ix.f64(0.0)), model=rec["model"][:16]))
+        if agent is not None:
+            check_agent(agent)
+        out = [CardInfo(card_id=r.card_id, agents=e.agents, tokens=r.tokens, total=r.total, parent=r.parent,
+                        parent_tokens=r.start, children=e.children, bytes=r.bytes, codecs=r.codecs,
+                        created=r.created, accessed=e.accessed, model=r.model[:16])
+               for e in self.index.listing(agent) for r in (e.record,)]
         out.sort(key=lambda i: (i.created, i.card_id))
         return out
 
     def agents(self) -> dict[str, int]:
         """Each agent and how many cards it references."""
-        counts: dict[str, int] = {}
-        with self.index.read() as txn:
-            for k, _ in txn.cursor(db=self.index.dbs["refs"]):
-                a = k[:-17].decode()
-                counts[a] = counts.get(a, 0) + 1
-        return counts
+        return self.index.agents()
 
     def stats(self) -> dict[str, Any]:
-        with self.index.read() as txn:
-            d = self.index.dbs
-            recs = [json.loads(v) for _, v in txn.cursor(db=d["cards"])]
-            n = {name: self.index.count(txn, name) for name in ("blocks", "tails", "refs", "pending")}
-        stored = sum(r["tokens"] for r in recs)
-        represented = sum(r["start"] + r["tokens"] for r in recs)
+        s = self.index.stats()
         return {
-            "store": self.root_label, "index": str(self.index.path), "block_tokens": self.block_tokens,
-            "cards": len(recs), "agents": len(self.agents()), "references": n["refs"], "blocks": n["blocks"],
-            "tails": n["tails"], "puts_in_progress": n["pending"], "bytes": sum(r["bytes"] for r in recs),
-            "tokens_stored": stored, "tokens_represented": represented,
-            "sharing": represented / stored if stored else 1.0,
-            "index_bytes": self.index.used_bytes(), "index_map_size": self.index.env.info()["map_size"],
+            "store": self.root_label, "index": s.location, "block_tokens": self.block_tokens,
+            "cards": s.cards, "agents": len(self.index.agents()), "references": s.refs, "blocks": s.blocks,
+            "tails": s.tails, "puts_in_progress": s.pending, "bytes": s.bytes,
+            "tokens_stored": s.tokens_stored, "tokens_represented": s.tokens_represented,
+            "sharing": s.tokens_represented / s.tokens_stored if s.tokens_stored else 1.0,
+            "index_bytes": s.used_bytes, "index_map_size": s.capacity_bytes,
         }
+
+    # -- maintenance (cachecard.kvstore.maintenance) ----------------------------------------------------------
+    def gc(self, *, grace_s: float = maintenance.DEFAULT_GRACE_S, dry_run: bool = False,
+           progress: Progress | None = None) -> GcReport:
+        """Reconcile the store with the index and collect garbage; see :func:`maintenance.gc`."""
+        rep = maintenance.gc(self.objects, self.index, block_tokens=self.block_tokens, grace_s=grace_s,
+                             dry_run=dry_run, progress=progress)
+        for card_id in rep.freed + rep.orphans_deleted:
+            self._cards.pop(card_id, None)
+        return rep
+
+    def verify(self, *, progress: Progress | None = None) -> VerifyStoreReport:
+        """Read every chunk of every indexed card and check it against the index; see :func:`maintenance.verify`."""
+        return maintenance.verify(self.objects, self.index, progress=progress)
+
+    def reindex(self, *, progress: Progress | None = None) -> ReindexReport:
+        """Rebuild the index from the cards' manifests and the agents' ref objects; see
+        :func:`maintenance.reindex`."""
+        rep = maintenance.reindex(self.objects, self.index, block_tokens=self.block_tokens, progress=progress)
+        self._cards.clear()
+        return rep
 
 
 def open_store(root: str | os.PathLike[str], **kwargs: Any) -> Store:
@@ -747,4 +359,5 @@ def open_store(root: str | os.PathLike[str], **kwargs: Any) -> Store:
     return Store(root, **kwargs)
 
 
-__all__ = ["CardInfo", "GcReport", "Match", "ReindexReport", "Store", "VerifyStoreReport", "check_agent", "open_store"]
+__all__ = ["STORE_FILE", "CardInfo", "GcReport", "Match", "ReindexReport", "Store", "VerifyStoreReport", "check_agent",
+           "open_store"]
