@@ -34,11 +34,16 @@ except ImportError:  # CPU-only installs: the torch path serves
     triton = None
 
 
+ROTQ = (6, 0, 0)  # cachecard.rotq: chunks of varying size, decoded by cachecard.adapters.device_rotq
+
+
 def kind_of(serializer: object, storage: np.dtype) -> tuple[int, int, int] | None:
     """(kind, block elements, block bytes) of a serializer this module decodes, else None."""
     codec_id = getattr(serializer, "codec_id", None)
     if codec_id in BLOCK_CODECS:
         return BLOCK_CODECS[codec_id]
+    if codec_id == "cachecard.rotq" and storage in PLAIN_KINDS:
+        return ROTQ
     if type(serializer).__name__ == "BytesCodec" and storage in PLAIN_KINDS:
         return PLAIN_KINDS[storage], 1, storage.itemsize
     return None
@@ -48,6 +53,8 @@ def check_payloads(table: ChunkTable, chunk_elements: int, kind: tuple[int, int,
                    which: str) -> None:
     """Every chunk must hold exactly its blocks + crc32c, at an offset the kernel can load from aligned
     (checked before any launch: a hostile index must not make the kernel read outside its buffer)."""
+    if kind == ROTQ:
+        return  # sizes vary per chunk: device_rotq.parse_headers checks every header against its size
     _, block, block_bytes = kind
     want = chunk_elements // block * block_bytes + 4
     align = 4 if block_bytes % 4 == 0 else 2
@@ -61,13 +68,23 @@ def check_payloads(table: ChunkTable, chunk_elements: int, kind: tuple[int, int,
 
 
 def decode_chunks(raw: torch.Tensor, table: ChunkTable, serializer: object, storage: np.dtype,
-                  out: torch.Tensor, chunk_shape: tuple[int, ...], tokens: int, layer0: int = 0) -> None:
+                  out: torch.Tensor, chunk_shape: tuple[int, ...], tokens: int, layer0: int = 0, *,
+                  host: np.ndarray | None = None, label: str = "", which: str = "") -> None:
     """Decode every chunk of ``table`` from ``raw`` (uint8, ``table.length`` bytes) into ``out`` (layers
-    counted from ``layer0``, heads, >= ``tokens`` tokens, channels); tokens past ``tokens`` are not written."""
+    counted from ``layer0``, heads, >= ``tokens`` tokens, channels); tokens past ``tokens`` are not written.
+    ``host``: the same bytes on the host (rotq chunk headers are read there)."""
     kind = kind_of(serializer, storage)
     if kind is None:
         raise ValueError(f"no device decoder for {serializer!r}")
-    if raw.is_cuda and triton is not None:
+    if kind == ROTQ and raw.is_cuda and triton is not None and chunk_shape[3] >= 16:
+        from cachecard.adapters import device_rotq
+
+        buf = host if host is not None else raw.cpu().numpy()
+        device_rotq.decode(raw, buf, table, serializer, _STORAGE_KIND[storage], out, chunk_shape, tokens, layer0,
+                           label, which)
+    elif kind == ROTQ:
+        decode_chunks_torch(raw, table, serializer, storage, out, chunk_shape, tokens, layer0)
+    elif raw.is_cuda and triton is not None:
         _decode_triton(raw, table, kind, storage, out, chunk_shape, tokens, layer0)
     else:
         decode_chunks_torch(raw, table, serializer, storage, out, chunk_shape, tokens, layer0)
@@ -81,14 +98,19 @@ def decode_chunks_torch(raw: torch.Tensor, table: ChunkTable, serializer: object
     if not n:
         return
     kind = kind_of(serializer, storage)
-    size = int(table.nbytes[0]) - 4
-    starts = torch.as_tensor(table.payload_offsets(), device=raw.device)
-    payloads = raw[starts[:, None] + torch.arange(size, device=raw.device)]  # (n, size): one gather
     st = _STORAGE_TORCH[storage]
-    if kind is not None and kind[1] == 1:  # plain rows
-        x = payloads.reshape(-1).view(st).reshape(n, H, c, D)
+    if len(set(table.nbytes.tolist())) > 1:  # chunks of different sizes (rotq): one at a time
+        rel = table.payload_offsets().tolist()
+        x = torch.stack([serializer.decode_torch(  # type: ignore[attr-defined]
+            raw[a:a + int(nb) - 4], (1, H, c, D))[0] for a, nb in zip(rel, table.nbytes)]).to(st)
     else:
-        x = serializer.decode_torch(payloads.reshape(-1), (n, H, c, D)).to(st)  # type: ignore[attr-defined]
+        size = int(table.nbytes[0]) - 4
+        starts = torch.as_tensor(table.payload_offsets(), device=raw.device)
+        payloads = raw[starts[:, None] + torch.arange(size, device=raw.device)]  # (n, size): one gather
+        if kind is not None and kind[1] == 1:  # plain rows
+            x = payloads.reshape(-1).view(st).reshape(n, H, c, D)
+        else:
+            x = serializer.decode_torch(payloads.reshape(-1), (n, H, c, D)).to(st)  # type: ignore[attr-defined]
     x = x.to(out.dtype)
     for i in range(n):  # one copy per chunk: rows land where they belong
         a = int(table.token_chunks[i]) * c

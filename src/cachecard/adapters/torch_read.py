@@ -123,8 +123,9 @@ def _stream(card: Card, layouts: tuple[ShardLayout, ShardLayout], tokens: int,
         torch.cuda.current_stream(outs[0].device).wait_stream(copy_stream)
         crcs = [device_crc.crc32c_chunks(raw, table.payload_offsets(), table.nbytes - 4)
                 for (_, table), raw in zip(staged, raws)]
-    for (lay, table), raw, out in zip(staged, raws, outs):
-        device_decode.decode_chunks(raw, table, lay.serializer, lay.storage, out, lay.chunk_shape, tokens)
+    for (lay, table), raw, out, job in zip(staged, raws, outs, jobs):
+        device_decode.decode_chunks(raw, table, lay.serializer, lay.storage, out, lay.chunk_shape, tokens,
+                                    host=job.dest, label=lay.label, which=lay.which)
     for (lay, table), job, crc in zip(staged, jobs, crcs):  # waits for the device: nothing returns unchecked
         stream.check_crcs(lay, table, job.dest, crc.cpu().numpy().view(np.uint32))
     if timings is not None:
