@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +20,7 @@ from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore, WrapperStore, ZipStore
 
 from cachecard.card._zarr import open_zip, sync
-from cachecard.errors import CardExistsError, CardNotFoundError
+from cachecard.errors import CardExistsError, CardNotFoundError, CorruptCardError
 
 ROOT_KEY = "zarr.json"
 Location = str | os.PathLike[str] | Store
@@ -143,7 +144,8 @@ def _remove(path: Path) -> None:
 
 
 def readable(location: Location, *, storage_options: dict[str, Any] | None = None) -> Store:
-    """Open a location read-only; CardNotFoundError if nothing is there."""
+    """Open a location read-only; CardNotFoundError if nothing is there. A ``.zip`` card's central directory
+    and a directory card's entries are checked first (no symbolic links, no special files inside a card)."""
     if isinstance(location, Store):
         return location
     if _is_url(location):
@@ -152,8 +154,24 @@ def readable(location: Location, *, storage_options: dict[str, Any] | None = Non
     if not path.exists():
         raise CardNotFoundError("nothing is stored here; check the path", card=str(path))
     if path.is_file():
-        return open_zip(path)
+        return open_zip(path, str(path))
+    if not path.is_dir():
+        raise CorruptCardError("neither a directory nor a zip file (a special file); not a card", card=str(path))
+    _refuse_links(path)
     return LocalStore(path, read_only=True)
+
+
+def _refuse_links(root: Path) -> None:
+    """A directory card holds directories and regular files only: a symbolic link would read (or, through
+    a store, delete) data outside the card, and a FIFO or device would block or stream forever."""
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            full = os.path.join(dirpath, name)
+            mode = os.lstat(full).st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                kind = "a symbolic link" if stat.S_ISLNK(mode) else "a special file"
+                raise CorruptCardError(f"{os.path.relpath(full, root)!r} is {kind}; a card holds only directories "
+                                       "and regular files: refusing it (damaged or hostile)", card=str(root))
 
 
 def stored_objects(store: Store) -> dict[str, int]:
