@@ -121,6 +121,39 @@ def reseal(objs: dict[str, bytes], *, crcs: bool = True, keep_hmac: bool = False
     return objs
 
 
+def crc_collide(data: bytearray, at: int, want: int) -> None:
+    """Rewrite ``data[at:at + 4]`` so that CRC-32C(``data``) == ``want``: CRC is affine over GF(2), so 32 free
+    bits can reach any value (a forger keeps a chunk's CRC while changing its bytes; only a digest sees it)."""
+    def crc(buf: bytes) -> int:
+        return google_crc32c.value(buf)
+
+    base = bytearray(data)
+    base[at:at + 4] = b"\0\0\0\0"
+    c0 = crc(bytes(base))
+    columns = []
+    for bit in range(32):
+        probe = bytearray(base)
+        probe[at + bit // 8] ^= 1 << (bit % 8)
+        columns.append(crc(bytes(probe)) ^ c0)
+    # Solve sum(x_bit * columns[bit]) == want ^ c0 over GF(2) (Gaussian elimination on 32-bit rows).
+    rows = [(columns[b], 1 << b) for b in range(32)]
+    target, solution = want ^ c0, 0
+    basis: list[tuple[int, int]] = []
+    for value, combo in rows:
+        for bv, bc in basis:
+            if value ^ bv < value:
+                value, combo = value ^ bv, combo ^ bc
+        if value:
+            basis.append((value, combo))
+            basis.sort(reverse=True)
+    for bv, bc in basis:
+        if target ^ bv < target:
+            target, solution = target ^ bv, solution ^ bc
+    if target:
+        raise ValueError("no 4-byte patch reaches that CRC")  # cannot happen: the 32 columns span GF(2)^32
+    data[at:at + 4] = solution.to_bytes(4, "little")
+
+
 def unbind(objs: dict[str, bytes]) -> dict[str, bytes]:
     """The format 1.1 (or, for a pruned card, 1.2) card with the same arrays as this 1.3 card."""
     doc = root_doc(objs)
@@ -136,4 +169,4 @@ def unbind(objs: dict[str, bytes]) -> dict[str, bytes]:
     return objs
 
 
-__all__ = ["fix_shard_crcs", "load", "reseal", "root_doc", "save", "set_root", "shard_chunks", "unbind"]
+__all__ = ["crc_collide", "fix_shard_crcs", "load", "reseal", "root_doc", "save", "set_root", "shard_chunks", "unbind"]
