@@ -22,7 +22,6 @@ cards whose chunk pipeline is ``serializer + crc32c``; anything else is an :clas
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -36,7 +35,7 @@ from cachecard.errors import (
 )
 from cachecard.kv import NUMPY_DTYPES, CanonicalKV
 from cachecard.card import keyed, layout, objects, shard_read, structure
-from cachecard.card._zarr import get_bytes
+from cachecard.card.binding import Binding
 from cachecard.card.locations import ROOT_KEY, Location, describe, readable, stored_objects
 from cachecard.card.root import MIGRATIONS, parse_manifest, read_root  # noqa: F401 - MIGRATIONS re-exported
 from cachecard.manifest import CardManifest, token_digest
@@ -92,9 +91,7 @@ class Card:
         self._key = key
         self._minor = manifest.format_minor
         self._arrays: dict[str, zarr.Array] = {}
-        self._indexed_shards: dict[str, np.ndarray] = {}  # checked shard indexes: (offset, nbytes) per chunk
-        self._crcs: dict[str, np.ndarray] = {}  # the object table's CRC-32C per (layer, token chunk) of k and v
-        self._whole_checked: set[str] = set()  # shards whose SHA-256 was checked (keyed mode)
+        self._binding = Binding(store, label, manifest.objects, keyed=key is not None)
         self.fast = True  # decode 1.1 shards with the fast path (card/shard_read.py); False: through zarr
         for which in ("k", "v"):  # array metadata must agree with the manifest before anything is decoded
             self._all_kv_arrays(which)
@@ -103,7 +100,7 @@ class Card:
         for name in id_arrays:
             self._array(name, (count,), np.dtype("<i4"))
         if self.bound:
-            self._bind_table()
+            self._binding.bind(self._arrays, count)
         self._ids = self._read_ids("tokens")
         if token_digest(self._ids) != manifest.tokens.sha256:
             raise CorruptCardError("token ids do not match the digest in the manifest; the card is corrupt",
@@ -136,9 +133,31 @@ class Card:
             raise ValueError(f"which must be 'k' or 'v'; got {which!r}")
         if not self.bound:
             return None
-        if which in self._crcs:
-            return self._crcs[which].copy()
+        if which in self._binding.crcs:
+            return self._binding.crcs[which].copy()
         return np.zeros((self.manifest.model.num_layers, 0), dtype=np.uint32)  # an empty card has no chunks
+
+    def shard_index(self, which: str) -> np.ndarray:
+        """The checked index of the shard of ``k`` or ``v`` (format 1.1+): ``(offset, nbytes)`` per inner chunk in
+        C order of (layer, token chunk), every entry stored, its CRC and (on a bound card) its digest checked;
+        read once per opened card. For readers that fetch chunks themselves (the chunk's CRC-32C must then be
+        checked against :meth:`expected_crcs`)."""
+        if which not in ("k", "v") or self._minor == 0:
+            raise ValueError(f"shard_index needs 'k' or 'v' of a format 1.1+ card; got {which!r} (format {self.format})")
+        return self._shard(which)[2]
+
+    def _shard(self, which: str) -> tuple[str, int, np.ndarray]:
+        """Key, stored size and checked index of the shard of ``k`` or ``v``."""
+        arr, key = self._stacked(which), objects.shard_key(which)
+        (size,) = structure.sizes(self._store, [key])
+        if size is None:
+            raise CorruptCardError(f"object {key!r} is missing; the card is damaged: delete it and save again",
+                                   card=self.label, part=which)
+        return key, size, self._binding.shard_index(which, arr, key, size)
+
+    @property
+    def _indexed_shards(self) -> dict[str, np.ndarray]:  # the 1.2 reader's name, for callers that used it
+        return self._binding._indexes  # noqa: SLF001
 
     def token_ids(self) -> np.ndarray:
         """The token ids (int32) the KV was computed from."""
@@ -166,8 +185,8 @@ class Card:
 
         Only the chunks that intersect the request are read.
         """
-        lr = _as_range(layers, self.manifest.model.num_layers, "layers")
-        tr = _as_range(slice(0, tokens) if isinstance(tokens, int) else tokens, self.manifest.tokens.count, "tokens")
+        lr = layout.as_range(layers, self.manifest.model.num_layers, "layers")
+        tr = layout.as_range(slice(0, tokens) if isinstance(tokens, int) else tokens, self.manifest.tokens.count, "tokens")
         k = self._read_kv("k", lr, tr)
         v = self._read_kv("v", lr, tr)
         dt = NUMPY_DTYPES[self.manifest.model.kv_dtype]
@@ -188,8 +207,8 @@ class Card:
         """
         if which not in ("k", "v"):
             raise ValueError(f"which must be 'k' or 'v'; got {which!r}")
-        lr = _as_range(layers, self.manifest.model.num_layers, "layers")
-        tr = _as_range(slice(0, tokens) if isinstance(tokens, int) else tokens, self.manifest.tokens.count, "tokens")
+        lr = layout.as_range(layers, self.manifest.model.num_layers, "layers")
+        tr = layout.as_range(slice(0, tokens) if isinstance(tokens, int) else tokens, self.manifest.tokens.count, "tokens")
         unsupported = UnsupportedCodecError(
             f"read_encoded needs format 1.1+ chunks stored as serializer + crc32c; this card's {which!r} array "
             f"(format {self.format}, preset {getattr(self.manifest.codecs, which)!r}) is not: use read()",
@@ -201,12 +220,7 @@ class Card:
         chunk_shape = tuple(arr.chunks)
         if not len(lr) or not len(tr):
             return EncodedKV(serializer, chunk_shape, [])  # type: ignore[arg-type]
-        key = objects.shard_key(which)
-        (size,) = structure.sizes(self._store, [key])
-        if size is None:
-            raise CorruptCardError(f"object {key!r} is missing; the card is damaged: delete it and save again",
-                                   card=self.label, part=which)
-        index = self._shard_index(which, arr, key, size)
+        key, size, index = self._shard(which)
         buffer: list[np.ndarray] = []
 
         def keep(n: int) -> np.ndarray:  # one call: every payload goes into this buffer
@@ -214,7 +228,7 @@ class Card:
             return buffer[0]
 
         places = shard_read.read_payloads_into(self._store, arr, key, size, index, lr, tr, self.label, which, keep,
-                                               expected=self._crcs.get(which))
+                                               expected=self._binding.crcs.get(which))
         c, count = chunk_shape[2], self.manifest.tokens.count
         chunks = [EncodedChunk(layer, j * c, min(c, count - j * c), buffer[0][at:at + nb])
                   for layer, j, at, nb in places]
@@ -233,7 +247,7 @@ class Card:
         for layer in range(m.num_layers):
             self.read(layers=layer)
         if self.bound:
-            self._verify_table()
+            self._binding.verify()
         for which in ("k", "v"):
             for arr in self._all_kv_arrays(which):
                 chunks += math.prod(math.ceil(s / c) for s, c in zip(arr.shape, arr.chunks) if s) if arr.size else 0
@@ -241,57 +255,6 @@ class Card:
         unlisted = tuple(sorted(set(objs) - set(self.manifest.objects) - {ROOT_KEY})) if self.bound else ()
         return VerifyReport(self.manifest.card_id, self.format, self.manifest.tokens.count, len(objs),
                             sum(objs.values()), chunks, self.bound, self.authenticated, unlisted)
-
-    # -- the object table (format 1.3) --------------------------------------------------------------------
-    def _bind_table(self) -> None:
-        """The table lists exactly this card's objects; keep its chunk CRCs of k and v for every read."""
-        table = self.manifest.objects or {}
-        structure.check_table_covers(table, structure.card_objects(self._arrays, self.manifest.tokens.count,
-                                                                   len(table), self.label), self.label)
-        for which in ("k", "v"):
-            key = objects.shard_key(which)
-            if key in table:
-                arr = self._stacked(which)
-                grid = (arr.shape[0], arr.shards[2] // arr.chunks[2])
-                self._crcs[which] = objects.decode_crcs(table[key].chunk_crc32c or "", grid, self.label, key)
-
-    def _shard_index(self, name: str, arr: zarr.Array, key: str, size: int) -> np.ndarray:
-        """The shard's checked index, read once per opened card; on a bound card the shard's size and index
-        digest are the table's, and in keyed mode its whole SHA-256 too."""
-        if key not in self._indexed_shards:
-            entry = (self.manifest.objects or {}).get(key)
-            if self.bound and entry is None:
-                raise CorruptCardError(f"object {key!r} is not in the card's object table", card=self.label, part=name)
-            if entry is not None:
-                objects.check_size(self.label, key, entry, size, name)
-            self._indexed_shards[key] = structure.check_shard_index(
-                self._store, arr, key, self.label, name, size=size,
-                index_sha256=entry.index_sha256 if entry is not None else None)
-            if self._key is not None and entry is not None:
-                self._check_whole_shard(key, entry, name)
-        return self._indexed_shards[key]
-
-    def _check_whole_shard(self, key: str, entry: Any, name: str) -> None:
-        if key in self._whole_checked:
-            return
-        if objects.object_sha256(self._store, key, entry.size) != entry.sha256:
-            raise CorruptCardError(f"object {key!r} does not match its SHA-256 in the object table; the card is "
-                                   "corrupt or was altered: delete it and save again", card=self.label, part=name)
-        self._whole_checked.add(key)
-
-    def _verify_table(self) -> None:
-        table = self.manifest.objects or {}
-        keys = sorted(table)
-        for key, size in zip(keys, structure.sizes(self._store, keys)):
-            entry = table[key]
-            if size is None:
-                raise CorruptCardError(f"object {key!r} is missing; the card is damaged: delete it and save again",
-                                       card=self.label, part=key)
-            objects.check_size(self.label, key, entry, size)
-            if entry.index_sha256 is not None:  # a shard: streamed
-                self._check_whole_shard(key, entry, key.split("/")[0])
-            else:
-                objects.check_whole(self.label, key, entry, get_bytes(self._store, key) or b"")
 
     # -- layouts ------------------------------------------------------------------------------------------
     def _array(self, path: str, shape: tuple[int, ...], dtype: np.dtype) -> zarr.Array:
@@ -360,7 +323,7 @@ class Card:
             raise ReadLimitError(f"reading {name!r} here would decode {decoded} bytes, more than this reader's limit "
                                  f"of {self._max_read_bytes} (max_read_bytes); read a layer or token range at a time",
                                  card=self.label, part=name)
-        keys = [f"{arr.path}/{arr.metadata.encode_chunk_key(c)}" for c in _grid_cells(bounds, grid)]
+        keys = [f"{arr.path}/{arr.metadata.encode_chunk_key(c)}" for c in layout.grid_cells(bounds, grid)]
         sizes = structure.sizes(self._store, keys)
         for key, size in zip(keys, sizes):
             if size is None:
@@ -373,8 +336,9 @@ class Card:
         if arr.shards is None:
             structure.check_plain_sizes(arr, keys, sizes, self.label, name)
             return self._zarr_read(name, arr, region, bounds)
-        indexes = [self._shard_index(name, arr, key, size) for key, size in zip(keys, sizes)]  # type: ignore[arg-type]
-        expected = self._crcs.get(name)
+        indexes = [self._binding.shard_index(name, arr, key, size)  # type: ignore[arg-type]
+                   for key, size in zip(keys, sizes)]
+        expected = self._binding.crcs.get(name)
         if self.fast and len(keys) == 1:
             fast = shard_read.read_shard_region(self._store, arr, keys[0], sizes[0], indexes[0], bounds, self.label,
                                                 name, expected=expected)
@@ -398,7 +362,7 @@ class Card:
 
     def _locate_corruption(self, name: str, arr: zarr.Array, bounds: list[tuple[int, int]]) -> CacheCardError:
         dims = arr.metadata.dimension_names or tuple(f"dim{i}" for i in range(arr.ndim))
-        for cell in _grid_cells(bounds, arr.chunks):
+        for cell in layout.grid_cells(bounds, arr.chunks):
             sel = tuple(slice(c * n, min((c + 1) * n, size)) for c, n, size in zip(cell, arr.chunks, arr.shape))
             try:
                 arr[sel]
@@ -455,29 +419,6 @@ def verify_card(location: Location, **kwargs: Any) -> VerifyReport:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def _as_range(sel: range | slice | int | None, n: int, what: str) -> range:
-    if sel is None:
-        return range(n)
-    if isinstance(sel, int) and not isinstance(sel, bool):
-        if not 0 <= sel < n and what == "layers":
-            raise IndexError(f"{what} index {sel} out of range for {n}")
-        sel = slice(sel, sel + 1)
-    if isinstance(sel, range):
-        sel = slice(sel.start, sel.stop, sel.step)
-    if not isinstance(sel, slice):
-        raise TypeError(f"{what} must be an int, a range or a slice; got {type(sel).__name__}")
-    r = range(*sel.indices(n))
-    if r.step != 1:
-        raise ValueError(f"{what} must be a contiguous range (step 1); got step {r.step}")
-    return r
-
-
-def _grid_cells(bounds: list[tuple[int, int]], grid: tuple[int, ...]) -> list[tuple[int, ...]]:
-    if any(b <= a for a, b in bounds):
-        return []
-    return list(itertools.product(*(range(a // g, (b - 1) // g + 1) for (a, b), g in zip(bounds, grid))))
-
-
 def _check_shard_index(store: Store, arr: zarr.Array, key: str, label: str, name: str, *,
                        index_sha256: str | None = None) -> np.ndarray:
     """Kept for callers of the 1.1 reader: :func:`structure.check_shard_index`."""
