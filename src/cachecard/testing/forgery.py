@@ -52,6 +52,7 @@ def save(objs: dict[str, bytes], location: Any) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".zip":
         with zipfile.ZipFile(path, "w") as zf:
             for key, raw in objs.items():
