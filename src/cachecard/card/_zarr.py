@@ -164,7 +164,11 @@ def open_zip(path: Any, label: str | None = None) -> CardZipStore:
     except _ZIP_FAILURES as e:
         raise CorruptCardError(f"not a readable zip file ({type(e).__name__}: {e}); the card is damaged: delete "
                                "it (or restore it from a replica)", card=store.label) from e
-    check_members(store._zf, store.label)  # noqa: SLF001
+    try:
+        check_members(store._zf, store.label)  # noqa: SLF001
+    except CacheCardError:
+        store.close()
+        raise
     return store
 
 

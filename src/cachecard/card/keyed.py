@@ -48,7 +48,7 @@ def check(attrs: dict[str, Any], manifest_sha256: str, key: bytes, label: str) -
         raise TamperedCardError("the card carries no HMAC, but a store key is set: it was written without the key "
                                 "(or its HMAC was removed). Refusing it; rewrite it with the key if you trust it",
                                 card=label, part="zarr.json")
-    if not isinstance(got, str) or not hmac.compare_digest(got, tag(key, manifest_sha256)):
+    if not isinstance(got, str) or not hmac.compare_digest(got.encode("utf-8"), tag(key, manifest_sha256).encode()):
         raise TamperedCardError("the card's HMAC does not verify under the store key: it was forged or altered, or "
                                 "written with another key", card=label, part="zarr.json")
 

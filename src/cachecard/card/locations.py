@@ -161,17 +161,30 @@ def readable(location: Location, *, storage_options: dict[str, Any] | None = Non
     return LocalStore(path, read_only=True)
 
 
+CARD_ENTRIES = (ROOT_KEY, "k", "v", "tokens", "positions")  # every object of a card lies in one of these
+
+
 def _refuse_links(root: Path) -> None:
     """A directory card holds directories and regular files only: a symbolic link would read (or, through
-    a store, delete) data outside the card, and a FIFO or device would block or stream forever."""
-    for dirpath, dirs, files in os.walk(root, followlinks=False):
-        for name in dirs + files:
-            full = os.path.join(dirpath, name)
-            mode = os.lstat(full).st_mode
-            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                kind = "a symbolic link" if stat.S_ISLNK(mode) else "a special file"
-                raise CorruptCardError(f"{os.path.relpath(full, root)!r} is {kind}; a card holds only directories "
-                                       "and regular files: refusing it (damaged or hostile)", card=str(root))
+    a store, delete) data outside the card, and a FIFO or device would block or stream forever. Only the
+    card's own entries are walked (readers ignore anything else there)."""
+    for top in CARD_ENTRIES:
+        _check_entry(root, os.path.join(root, top))
+        if os.path.isdir(os.path.join(root, top)) and not os.path.islink(os.path.join(root, top)):
+            for dirpath, dirs, files in os.walk(os.path.join(root, top), followlinks=False):
+                for name in dirs + files:
+                    _check_entry(root, os.path.join(dirpath, name))
+
+
+def _check_entry(root: Path, full: str) -> None:
+    try:
+        mode = os.lstat(full).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a special file"
+        raise CorruptCardError(f"{os.path.relpath(full, root)!r} is {kind}; a card holds only directories and "
+                               "regular files: refusing it (damaged or hostile)", card=str(root))
 
 
 def stored_objects(store: Store) -> dict[str, int]:

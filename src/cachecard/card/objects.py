@@ -8,7 +8,7 @@ or another position cannot verify, while a partial read still reads only the chu
 
 - the writer records the table as objects are stored (:class:`Recorder`);
 - readers read every object they need whole through :class:`GuardedStore`, which checks its size and SHA-256
-  (and, for any card, refuses to read more than :data:`MAX_WHOLE_BYTES` of an object it does not know);
+  (and, on an unbound card, refuses to read more than :data:`MAX_WHOLE_BYTES` of a metadata document);
 - the shard readers check each shard index against ``index_sha256`` and each inner chunk's stored CRC-32C
   against the table's value for its (layer, token chunk) (card/shard_read.py, reader.py);
 - ``verify`` and keyed reads check the SHA-256 of whole shards, streamed (:func:`object_sha256`).
@@ -32,7 +32,7 @@ from cachecard.errors import CorruptCardError, ManifestError
 from cachecard.manifest import ObjectEntry
 
 SHARD_CHUNK_KEY = "c/0/0/0/0"  # the single shard of k and v (format 1.1+)
-MAX_WHOLE_BYTES = MAX_DOCUMENT_BYTES  # an object read whole without a table entry (documents, 1.0-1.2 chunks)
+MAX_WHOLE_BYTES = MAX_DOCUMENT_BYTES  # a document read whole without a table entry (a 1.0-1.2 card)
 _STREAM = 8 << 20  # bytes per request when hashing a whole shard
 
 
@@ -149,7 +149,8 @@ class GuardedStore(WrapperStore[Store]):
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
         entry = self._entry(key)
-        if byte_range is not None:
+        if byte_range is not None or (entry is None and not key.endswith("zarr.json")):
+            # ranges are bounded by their callers; an unbound card's chunks by the structural size checks
             return await self._store.get(key, prototype, byte_range)
         limit = entry.size if entry is not None else MAX_WHOLE_BYTES
         buf = await self._store.get(key, prototype, RangeByteRequest(0, limit + 1))
@@ -157,8 +158,8 @@ class GuardedStore(WrapperStore[Store]):
             return None
         if entry is None:
             if len(buf) > limit:
-                raise ManifestError(f"object {key!r} holds more than {limit} bytes, more than any object this reader "
-                                    "reads whole; refusing an implausible card", card=self.label, part=key)
+                raise ManifestError(f"document {key!r} holds more than {limit} bytes, more than any card's metadata; "
+                                    "refusing an implausible card", card=self.label, part=key)
             return buf
         check_whole(self.label, key, entry, buf.as_numpy_array().view(np.uint8).reshape(-1))
         return buf

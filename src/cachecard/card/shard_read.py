@@ -76,6 +76,17 @@ def _misplaced(expected: np.ndarray | None, layer: int, j: int, stored: int) -> 
     return expected is not None and int(expected[layer, j]) != int(stored)
 
 
+def _first_misplaced(expected: np.ndarray | None, chunks: list[_Chunk], stored: np.ndarray) -> int:
+    """Index of the first of ``chunks`` whose stored CRC-32C (``stored``, one per chunk) is not the table's for
+    its position, or -1: one vectorised comparison per run instead of one per chunk."""
+    if expected is None or not chunks:
+        return -1
+    layers = np.fromiter((ck.layer for ck in chunks), np.intp, len(chunks))
+    js = np.fromiter((ck.j for ck in chunks), np.intp, len(chunks))
+    bad = np.flatnonzero(expected[layers, js] != stored)
+    return int(bad[0]) if len(bad) else -1
+
+
 def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
                       bounds: list[tuple[int, int]], label: str, name: str, *,
                       expected: np.ndarray | None = None) -> np.ndarray | None:
@@ -331,12 +342,13 @@ def _scatter_payloads(path: Path, chunks: list[_Chunk], dest: list[int], out: np
                     if got != want:
                         raise check(layer=run[-1].layer, j=run[-1].j, why="the shard is truncated")
                 stored = crcs.view("<u4")[:, 0]
+                bad = _first_misplaced(expected, run, stored)
+                if bad >= 0:
+                    raise check(layer=run[bad].layer, j=run[bad].j, why=_TABLE)
                 for i, ck in enumerate(run):
                     a = at[id(ck)]
                     if _crc32c(out[a:a + ck.nbytes - 4]) != stored[i]:
                         raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
-                    if _misplaced(expected, ck.layer, ck.j, stored[i]):
-                        raise check(layer=ck.layer, j=ck.j, why=_TABLE)
 
         _in_workers(work, runs, _STAGING_WORKERS)
     finally:
@@ -460,14 +472,15 @@ def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0
                     if got != want:
                         raise check(layer=run[-1].layer, j=run[-1].j, why="the shard is truncated")
                 stored = crcs.view("<u4")[:, 0]
+                bad = _first_misplaced(expected, [d[0] for d in direct], stored[[d[4] for d in direct]])
+                if bad >= 0:
+                    raise check(layer=direct[bad][0].layer, j=direct[bad][0].j, why=_TABLE)
                 for ck, li, x0, x1, i in direct:
                     crc = 0
                     for row in rows_np[li]:
                         crc = google_crc32c.extend(crc, row[x0:x1])
                     if crc != stored[i]:
                         raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
-                    if _misplaced(expected, ck.layer, ck.j, stored[i]):
-                        raise check(layer=ck.layer, j=ck.j, why=_TABLE)
                 for ck, buf in scratch:
                     if google_crc32c.value(buf[:-4]) != int(buf[-4:].view("<u4")[0]):
                         raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
