@@ -31,7 +31,7 @@ from cachecard.card.zipcheck import check_members
 from cachecard.errors import CacheCardError, CorruptCardError
 
 __all__ = [
-    "RangeByteRequest", "SuffixByteRequest", "ShardGeometry", "encode_shard", "encode_single", "get_bytes", "get_ranges",
+    "Buffer", "BufferPrototype", "RangeByteRequest", "SuffixByteRequest", "ShardGeometry", "encode_shard", "encode_single", "get_bytes", "get_ranges",
     "group_document", "CardZipStore", "open_zip", "prototype", "shard_geometry", "sync", "zip_member_size",
 ]
 

@@ -23,10 +23,10 @@ from typing import Any, AsyncGenerator, Iterable
 
 import numpy as np
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store
-from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
 from cachecard.card import _zarr
+from cachecard.card._zarr import Buffer, BufferPrototype
 from cachecard.card.zipcheck import MAX_DOCUMENT_BYTES
 from cachecard.errors import CorruptCardError, ManifestError
 from cachecard.manifest import ObjectEntry

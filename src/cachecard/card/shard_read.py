@@ -25,13 +25,12 @@ reader falls back to zarr.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import google_crc32c
 import numpy as np
@@ -42,6 +41,7 @@ from zarr.storage import LocalStore
 
 from cachecard.card import _zarr
 from cachecard.card._zarr import RangeByteRequest
+from cachecard.card.table_check import TABLE_MISMATCH, first_misplaced, misplaced, unreadable_is_corrupt
 from cachecard.codecs.base import KVCodec
 from cachecard.errors import CorruptCardError
 
@@ -66,25 +66,6 @@ class _Chunk:
     j: int          # token-chunk index
     offset: int
     nbytes: int
-
-
-_TABLE = "its CRC-32C is not the object table's for this position (a chunk from another card, array or position)"
-
-
-def _misplaced(expected: np.ndarray | None, layer: int, j: int, stored: int) -> bool:
-    """Whether a chunk's stored CRC-32C differs from the object table's value for its grid position."""
-    return expected is not None and int(expected[layer, j]) != int(stored)
-
-
-def _first_misplaced(expected: np.ndarray | None, chunks: list[_Chunk], stored: np.ndarray) -> int:
-    """Index of the first of ``chunks`` whose stored CRC-32C (``stored``, one per chunk) is not the table's for
-    its position, or -1: one vectorised comparison per run instead of one per chunk."""
-    if expected is None or not chunks:
-        return -1
-    layers = np.fromiter((ck.layer for ck in chunks), np.intp, len(chunks))
-    js = np.fromiter((ck.j for ck in chunks), np.intp, len(chunks))
-    bad = np.flatnonzero(expected[layers, js] != stored)
-    return int(bad[0]) if len(bad) else -1
 
 
 def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
@@ -142,8 +123,8 @@ def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, 
             stored = int(raw[-4:].view("<u4")[0])
             if google_crc32c.value(body) != stored:
                 raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
-            if _misplaced(expected, ck.layer, ck.j, stored):
-                raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, _TABLE)
+            if misplaced(expected, ck.layer, ck.j, stored):
+                raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, TABLE_MISMATCH)
             payloads.append((ck, raw))
         try:
             decoded = decode([raw for _, raw in payloads])
@@ -166,24 +147,14 @@ def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, 
     if path is not None and getattr(decode, "plain", False) and H <= MAX_DIRECT_HEADS and (h0, h1) == (0, H) \
             and (d0, d1) == (0, D):
         check = functools.partial(_corrupt, label, name, key, c=c, H=H, D=D, T=T)
-        with _unreadable_is_corrupt(label, name, key):
+        with unreadable_is_corrupt(label, name, key):
             _read_local_direct(path, runs, out, l0, t0, t1, c, check, expected)
     elif path is not None:
-        with _unreadable_is_corrupt(label, name, key):
+        with unreadable_is_corrupt(label, name, key):
             _read_local(path, runs, place)
     else:
         _read_remote(store, key, runs, place)
     return out
-
-
-@contextlib.contextmanager
-def _unreadable_is_corrupt(label: str, name: str, key: str) -> Iterator[None]:
-    """A shard file that cannot be opened or read (a symbolic link: O_NOFOLLOW; a directory) is a damaged card."""
-    try:
-        yield
-    except OSError as e:
-        raise CorruptCardError(f"object {key!r} cannot be read ({e.strerror or e}); the card is damaged: delete it "
-                               "and save again", card=label, part=name) from e
 
 
 def encoded_serializer(arr: zarr.Array) -> Any | None:
@@ -241,8 +212,8 @@ def check_stored_crcs(store: Store, arr: zarr.Array, key: str, shard_size: int, 
     for ck, tail in zip(chunks, tails):
         if tail is None or len(tail) != 4:
             raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
-        if _misplaced(expected, ck.layer, ck.j, int.from_bytes(tail, "little")):
-            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, _TABLE)
+        if misplaced(expected, ck.layer, ck.j, int.from_bytes(tail, "little")):
+            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, TABLE_MISMATCH)
 
 
 def _read_encoded_remote(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
@@ -267,8 +238,8 @@ def _read_encoded_remote(store: Store, arr: zarr.Array, key: str, shard_size: in
         stored = int(part[-4:].view("<u4")[0])
         if _crc32c(part[:-4]) != stored:
             raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
-        if _misplaced(expected, ck.layer, ck.j, stored):
-            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, _TABLE)
+        if misplaced(expected, ck.layer, ck.j, stored):
+            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, TABLE_MISMATCH)
         out.append((ck.layer, ck.j, part[:-4]))
     return out
 
@@ -304,7 +275,7 @@ def read_payloads_into(store: Store, arr: zarr.Array, key: str, shard_size: int,
         raise CorruptCardError(f"object {key!r} is missing; the card is damaged (or was deleted while being read)",
                                card=label, part=name)
     check = functools.partial(_corrupt, label, name, key, c=c, H=H, D=D, T=T)
-    with _unreadable_is_corrupt(label, name, key):
+    with unreadable_is_corrupt(label, name, key):
         _scatter_payloads(path, chunks, [at for _, _, at, _ in places], out, check, expected)
     return places
 
@@ -342,9 +313,9 @@ def _scatter_payloads(path: Path, chunks: list[_Chunk], dest: list[int], out: np
                     if got != want:
                         raise check(layer=run[-1].layer, j=run[-1].j, why="the shard is truncated")
                 stored = crcs.view("<u4")[:, 0]
-                bad = _first_misplaced(expected, run, stored)
+                bad = first_misplaced(expected, run, stored)
                 if bad >= 0:
-                    raise check(layer=run[bad].layer, j=run[bad].j, why=_TABLE)
+                    raise check(layer=run[bad].layer, j=run[bad].j, why=TABLE_MISMATCH)
                 for i, ck in enumerate(run):
                     a = at[id(ck)]
                     if _crc32c(out[a:a + ck.nbytes - 4]) != stored[i]:
@@ -472,9 +443,9 @@ def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0
                     if got != want:
                         raise check(layer=run[-1].layer, j=run[-1].j, why="the shard is truncated")
                 stored = crcs.view("<u4")[:, 0]
-                bad = _first_misplaced(expected, [d[0] for d in direct], stored[[d[4] for d in direct]])
+                bad = first_misplaced(expected, [d[0] for d in direct], stored[[d[4] for d in direct]])
                 if bad >= 0:
-                    raise check(layer=direct[bad][0].layer, j=direct[bad][0].j, why=_TABLE)
+                    raise check(layer=direct[bad][0].layer, j=direct[bad][0].j, why=TABLE_MISMATCH)
                 for ck, li, x0, x1, i in direct:
                     crc = 0
                     for row in rows_np[li]:
@@ -484,8 +455,8 @@ def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0
                 for ck, buf in scratch:
                     if google_crc32c.value(buf[:-4]) != int(buf[-4:].view("<u4")[0]):
                         raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
-                    if _misplaced(expected, ck.layer, ck.j, int(buf[-4:].view("<u4")[0])):
-                        raise check(layer=ck.layer, j=ck.j, why=_TABLE)
+                    if misplaced(expected, ck.layer, ck.j, int(buf[-4:].view("<u4")[0])):
+                        raise check(layer=ck.layer, j=ck.j, why=TABLE_MISMATCH)
                     if len(buf) - 4 != H * c * rb:
                         raise check(layer=ck.layer, j=ck.j, why=f"chunk holds {len(buf) - 4} bytes")
                     block = buf[:-4].view(out.dtype).reshape(H, c, D)

@@ -42,10 +42,10 @@ def load(location: Any) -> dict[str, bytes]:
 def save(objs: dict[str, bytes], location: Any) -> None:
     """Replace the card at ``location`` (directory, ``.zip``: members stored, in dict order; MemoryStore)."""
     if isinstance(location, zarr.storage.MemoryStore):
-        from zarr.core.buffer import cpu
+        from cachecard.card._zarr import prototype
 
         location._store_dict.clear()  # noqa: SLF001
-        location._store_dict.update({k: cpu.Buffer.from_bytes(v) for k, v in objs.items()})  # noqa: SLF001
+        location._store_dict.update({k: prototype().buffer.from_bytes(v) for k, v in objs.items()})  # noqa: SLF001
         return
     path = Path(location)
     if path.is_dir():
