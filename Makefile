@@ -44,6 +44,7 @@ schema: $(STAMP)
 vectors: $(STAMP)
 	CACHECARD_REGEN_VECTORS=1 $(PY) scripts/make_vectors.py
 	CACHECARD_REGEN_VECTORS=1 $(PY) scripts/make_codec_vectors.py
+	CACHECARD_REGEN_VECTORS=1 $(PY) scripts/make_invalid_vectors.py
 
 clean:
 	rm -rf $(VENV) cachecard-demo docs/api

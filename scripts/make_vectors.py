@@ -49,7 +49,7 @@ def write_v1_0(case: Path) -> None:
     ids = np.arange(37) * 3
     ident = make_identity()
     manifest = CardManifest(
-        format_minor=0, card_id="10" * 16, created="2026-11-22T00:00:00Z", producer=Producer(version="0.1.0"),
+        cachecard_format=1, format_minor=0, card_id="10" * 16, created="2026-11-22T00:00:00Z", producer=Producer(version="0.1.0"),
         model=ident, tokens=TokenBinding(count=37, sha256=token_digest(ids)), codecs=Codecs(k="lossless", v="lossless"))
     with writable(case / "card") as (data, root):
         for which, arr in (("k", kv.k), ("v", kv.v)):
@@ -77,6 +77,20 @@ def write_v1_2_pruned(case: Path) -> None:
     expected(case, p.kv, p.tokens, p.positions)
 
 
+GOLDEN_KEY = "cachecard golden-vector store key (public: for tests only)"
+
+
+def write_v1_3(case: Path, *, card: str, tokens: int, dtype: str, chunk: int = 16, **kw) -> None:
+    """Format 1.3 (this version's writer): the same arrays as the 1.1 cases, with the object table."""
+    write_v1_1(case, card=card, tokens=tokens, dtype=dtype, chunk=chunk, **kw)
+
+
+def write_v1_3_keyed(case: Path) -> None:
+    """A keyed card (spec §7.4): its HMAC verifies under GOLDEN_KEY, written next to it as key.txt."""
+    write_v1_3(case, card="card", tokens=21, dtype="float16", chunk=8, key=GOLDEN_KEY)
+    (case / "key.txt").write_text(GOLDEN_KEY)
+
+
 CASES = {
     "v1.0-float16-per-layer": write_v1_0,
     "v1.1-float16": lambda c: write_v1_1(c, card="card", tokens=37, dtype="float16"),
@@ -86,12 +100,20 @@ CASES = {
     "v1.1-float16-positions-zip": lambda c: write_v1_1(c, card="card.zip", tokens=5, dtype="float16",
                                                        positions=[0, 1, 7, 8, 30]),
     "v1.2-float16-pruned": write_v1_2_pruned,
+    "v1.3-float16": lambda c: write_v1_3(c, card="card", tokens=37, dtype="float16"),
+    "v1.3-float32-empty": lambda c: write_v1_3(c, card="card", tokens=0, dtype="float32"),
+    "v1.3-bfloat16-positions-zip": lambda c: write_v1_3(c, card="card.zip", tokens=9, dtype="bfloat16", chunk=4,
+                                                        positions=[0, 1, 2, 5, 8, 13, 21, 34, 55]),
+    "v1.3-bfloat16-parent": lambda c: write_v1_3(c, card="card", tokens=20, dtype="bfloat16",
+                                                 parent=ParentRef(card_id="cd" * 16, tokens=100)),
+    "v1.3-float16-keyed": write_v1_3_keyed,
 }
 
 
 def main() -> None:
     if os.environ.get("CACHECARD_REGEN_VECTORS") != "1":
         raise SystemExit("golden vectors are write-once; set CACHECARD_REGEN_VECTORS=1 to add missing cases")
+    os.environ.pop("CACHECARD_KEY", None)  # only the keyed case is keyed
     for name, make in CASES.items():
         case = VECTORS / name
         if case.exists():

@@ -22,3 +22,9 @@ def small_card(tmp_path):
     path = tmp_path / "card"
     cachecard.write_card(path, kv, ids, ident, chunk_tokens=16)
     return path, kv, ids, ident
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_store_key(monkeypatch):
+    """A developer's CACHECARD_KEY would put every test in keyed mode (spec §7.4); tests that want it set it."""
+    monkeypatch.delenv("CACHECARD_KEY", raising=False)

@@ -15,7 +15,7 @@ def test_inspect_table_and_json(small_card):
     path = str(small_card[0])
     r = runner.invoke(app, ["inspect", path])
     assert r.exit_code == 0, r.output
-    for text in ("llama", "lossless", "1.1", "kv heads", "compression"):
+    for text in ("llama", "lossless", "1.3", "kv heads", "compression"):
         assert text in r.output
     r = runner.invoke(app, ["inspect", "--json", path])
     info = json.loads(r.output)

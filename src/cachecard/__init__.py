@@ -10,6 +10,7 @@ from cachecard.errors import (
     IncompleteCardError, KVShapeError, ManifestError, NotACardError, UnsupportedCodecError,
 )
 from cachecard.errors import AgentIdError, CardInUseError, StoreError, StoreFullError
+from cachecard.errors import InvalidKeyError, ReadLimitError, TamperedCardError
 from cachecard.kv import CanonicalKV
 from cachecard.card import Card, VerifyReport, open_card, read_card, verify_card, write_card
 from cachecard.kvstore import Match, Store, open_store
@@ -22,4 +23,5 @@ __all__ = [
     "NotACardError", "UnsupportedCodecError", "CanonicalKV", "Card", "VerifyReport", "open_card", "read_card",
     "verify_card", "write_card", "CardManifest", "LayerKind", "ModelIdentity", "ParentRef", "Rope",
     "AgentIdError", "CardInUseError", "StoreError", "StoreFullError", "Match", "Store", "open_store", "prune",
+    "InvalidKeyError", "ReadLimitError", "TamperedCardError",
 ]

@@ -123,9 +123,15 @@ def verify(
             _fail(card, e)
             failed += 1
             continue
+        binding = ("every object bound to the card" if report.bound else
+                   "[yellow]unbound[/yellow] (format 1.0-1.2: objects not bound to the card; rewrite to bind)")
+        if report.authenticated:
+            binding += ", HMAC verified"
+        if report.unlisted:
+            binding += f"; ignored {len(report.unlisted)} objects not in its table: {', '.join(report.unlisted[:5])}"
         out.print(f"[green]OK[/green] {card}: format {report.format}, {report.tokens} tokens, "
-                  f"{report.chunks_checked} chunks in {report.objects} objects, {report.stored_bytes:,} bytes",
-                  highlight=False, soft_wrap=True)
+                  f"{report.chunks_checked} chunks in {report.objects} objects, {report.stored_bytes:,} bytes; "
+                  f"{binding}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 

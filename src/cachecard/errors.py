@@ -39,6 +39,20 @@ class CorruptCardError(CacheCardError):
     """Stored bytes fail a checksum, are truncated or missing, or disagree with the manifest."""
 
 
+class TamperedCardError(CorruptCardError):
+    """With a store key set, the card's HMAC is missing or does not verify: it was forged, altered, or written
+    without (or with another) key (spec §7.4)."""
+
+
+class InvalidKeyError(CacheCardError, ValueError):
+    """The store key given (or in ``CACHECARD_KEY``) is unusable, e.g. too short."""
+
+
+class ReadLimitError(CacheCardError, MemoryError):
+    """A read would decode more bytes than this reader allows at once (``max_read_bytes``); read a layer or token
+    range instead. Not a verdict on the card."""
+
+
 class ManifestError(CacheCardError):
     """The manifest is not valid under the spec (unknown keys, bad values, implausible shapes)."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, m
 from cachecard.kv import KVDType
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2  # the newest minor this library reads and writes (spec §8); it writes the oldest that fits
+FORMAT_MINOR = 3  # the newest minor this library reads and the one it writes (spec §8)
 
 # Bounds keep a hostile manifest from declaring absurd shapes (spec §5.6).
 MAX_LAYERS = 1024
@@ -30,6 +31,13 @@ Digest = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}:[0-9a-f]{16,1
 Name = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 CardId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 CodecName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# RFC 3339 date-time in UTC with the `Z` suffix, whole seconds or 1-6 fraction digits (spec §5.6)
+CREATED_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z$"
+# The key of an object of a card relative to its root (spec §5.1): one of the four arrays' metadata document
+# or one of their chunk objects. The pattern leaves no room for `..`, absolute names or other objects.
+ObjectKey = Annotated[str, Field(pattern=r"^(k|v|tokens|positions)/(zarr\.json|c(/(0|[1-9][0-9]{0,9}))+)$")]
+MAX_SIZE = 2**53 - 1  # I-JSON integers
 
 
 class _Model(BaseModel):
@@ -109,6 +117,25 @@ class Pruning(_Model):
     source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the source token ids (int32 LE)")
 
 
+class ObjectEntry(_Model):
+    """One object of a format 1.3 card in the manifest's object table (spec §7.2): its size and SHA-256, and
+    for the shard of ``k`` or ``v`` the SHA-256 of its index and the CRC-32C of every inner chunk."""
+
+    size: int = Field(ge=1, le=MAX_SIZE, description="bytes")
+    sha256: Sha256Hex
+    index_sha256: Sha256Hex | None = Field(default=None, description="k/v shards: SHA-256 of the 16n+4 index bytes")
+    chunk_crc32c: str | None = Field(
+        default=None, pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$", max_length=1 << 26,
+        description="k/v shards: base64 (RFC 4648, no line breaks) of one little-endian uint32 per inner chunk, the "
+                    "chunk's CRC-32C as stored, in C order of the inner-chunk grid (layer, token chunk)")
+
+    @model_validator(mode="after")
+    def _shard_fields_together(self) -> ObjectEntry:
+        if (self.index_sha256 is None) != (self.chunk_crc32c is None):
+            raise ValueError("'index_sha256' and 'chunk_crc32c' are given together (a k/v shard) or not at all")
+        return self
+
+
 class Codecs(_Model):
     """Codec preset names for K and V; the zarr codec pipelines in the arrays are what decodes."""
 
@@ -125,10 +152,10 @@ class Producer(_Model):
 class CardManifest(_Model):
     """The root group attribute ``cachecard`` of every card (spec §5)."""
 
-    cachecard_format: Literal[1] = FORMAT_MAJOR
-    format_minor: int = Field(default=FORMAT_MINOR, ge=0)
+    cachecard_format: Literal[1]
+    format_minor: int = Field(ge=0)
     card_id: CardId
-    created: datetime
+    created: Annotated[datetime, Field(json_schema_extra={"pattern": CREATED_PATTERN, "format": "date-time"})]
     producer: Producer
     model: ModelIdentity
     tokens: TokenBinding
@@ -137,14 +164,35 @@ class CardManifest(_Model):
     parent: ParentRef | None = None
     k_layout: Literal["post_rope_neox"] = "post_rope_neox"
     codecs: Codecs
-    pruning: Pruning | None = Field(default=None, description="format 1.2: the card holds a pruned subset")
+    pruning: Pruning | None = Field(default=None, description="format 1.2+: the card holds a pruned subset")
+    objects: dict[ObjectKey, ObjectEntry] | None = Field(
+        default=None, description="format 1.3+: every object of the card (but the root document), its size and digests")
 
-    @field_validator("created")
+    @field_validator("created", mode="before")
     @classmethod
-    def _utc(cls, v: datetime) -> datetime:
-        if v.tzinfo is None or v.utcoffset() != timezone.utc.utcoffset(None):
-            raise ValueError("'created' must be an ISO 8601 time in UTC")
+    def _rfc3339_utc(cls, v: Any) -> Any:
+        if isinstance(v, str):  # parsed here: strict mode takes no string for a datetime after a validator
+            if not re.fullmatch(CREATED_PATTERN, v):
+                raise ValueError(f"'created' must be an RFC 3339 time in UTC like 2026-11-22T06:19:29.986167Z; got {v!r}")
+            v = datetime.fromisoformat(v)
+        if isinstance(v, datetime) and (v.tzinfo is None or v.utcoffset() != timezone.utc.utcoffset(None)):
+            raise ValueError("'created' must be a time in UTC")
         return v
+
+    @model_validator(mode="after")
+    def _fields_of_the_minor(self) -> CardManifest:
+        if self.format_minor < 2 and "pruning" in self.model_fields_set:
+            raise ValueError("'pruning' needs format 1.2 or later (a 1.0 or 1.1 manifest has no such key, not even null)")
+        if self.format_minor < 3 and "objects" in self.model_fields_set:
+            raise ValueError("'objects' needs format 1.3 or later")
+        if self.format_minor >= 3 and self.objects is None:
+            raise ValueError("a format 1.3 manifest holds the object table 'objects'")
+        for key, entry in (self.objects or {}).items():
+            shard = key.split("/")[0] in ("k", "v") and not key.endswith("/zarr.json")
+            if shard != (entry.index_sha256 is not None):
+                raise ValueError(f"objects[{key!r}]: 'index_sha256' and 'chunk_crc32c' are given for the shards of "
+                                 "k and v, and only for them")
+        return self
 
     @model_validator(mode="after")
     def _parent_offsets(self) -> CardManifest:
@@ -162,8 +210,6 @@ class CardManifest(_Model):
         p = self.pruning
         if p is None:
             return self
-        if self.format_minor < 2:
-            raise ValueError("'pruning' needs format 1.2 or later")
         if self.positions != "explicit" or self.parent is not None:
             raise ValueError("a pruned card has explicit positions and no parent")
         if self.tokens.count > p.source_tokens:
@@ -171,8 +217,12 @@ class CardManifest(_Model):
         return self
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The manifest as JSON: every key of its format minor (1.0 and 1.1 manifests have no ``pruning``)."""
-        return self.model_dump(mode="json", exclude={"pruning"} if self.format_minor < 2 else None)
+        """The manifest as JSON: every key of its format minor (1.0 and 1.1 manifests have no ``pruning``,
+        1.0–1.2 no ``objects``)."""
+        exclude = {"pruning"} if self.format_minor < 2 else set()
+        if self.format_minor < 3:
+            exclude.add("objects")
+        return self.model_dump(mode="json", exclude=exclude or None)
 
 
 def token_digest(tokens: np.ndarray) -> str:
@@ -186,9 +236,21 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 
 def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a manifest: the models' own, plus what pydantic does not write for them: object
+    table keys are the only properties of ``objects``, and the fields each format minor allows
+    (spec §5.6 lists the cross-field rules only a reader can check)."""
     schema = CardManifest.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://cachecard.dev/spec/schemas/manifest.schema.json"
+    table = next(a for a in schema["properties"]["objects"]["anyOf"] if a.get("type") == "object")
+    table["additionalProperties"] = False
+    minor = "format_minor"
+    schema["allOf"] = [
+        {"if": {"properties": {minor: {"maximum": 1}}}, "then": {"not": {"required": ["pruning"]}}},
+        {"if": {"properties": {minor: {"maximum": 2}}}, "then": {"not": {"required": ["objects"]}}},
+        {"if": {"properties": {minor: {"minimum": 3}}},
+         "then": {"required": ["objects"], "properties": {"objects": {"type": "object"}}}},
+    ]
     return schema
 
 

@@ -14,10 +14,10 @@ from zarr.core.buffer import cpu
 import cachecard
 from cachecard import (
     CacheCardError, CardNotFoundError, CorruptCardError, FormatVersionError, IncompleteCardError, ManifestError,
-    NotACardError,
+    NotACardError, ReadLimitError,
 )
 from cachecard.manifest import manifest_digest
-from cachecard.testing import make_identity, make_kv
+from cachecard.testing import forgery, make_identity, make_kv
 
 KV = make_kv(layers=3, heads=2, tokens=50, head_dim=8)
 IDS = np.arange(50)
@@ -106,6 +106,10 @@ def test_shard_with_an_unstored_inner_chunk_fails_verify(small_card):
     body = index.tobytes()
     raw[-(16 * n + 4):] = body + google_crc32c.value(body).to_bytes(4, "little")
     shard.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCardError, match="object table"):
+        card.verify()
+    forgery.save(forgery.reseal(forgery.load(path), crcs=False), path)  # a forger's card: past the table
+    card = cachecard.open_card(path)
     with pytest.raises(CorruptCardError, match="lacks 1 inner chunks"):
         card.verify()
     with pytest.raises(CorruptCardError, match="lacks 1 inner chunks"):
@@ -183,17 +187,20 @@ def test_huge_declared_shape_is_refused_without_allocating(token_chunk):
         put(store, f"{name}/c/0/0/0/0", b"tiny")
     zarr.create_array(store, name="tokens", shape=(n,), dtype="<i4", chunks=(token_chunk,), zarr_format=3)
     put(store, "tokens/c/0", b"tiny")
-    manifest = CardManifest(card_id="a" * 32, created="2026-01-01T00:00:00Z", producer=Producer(version="0"),
-                            model=ident, tokens=TokenBinding(count=n, sha256="0" * 64),
+    manifest = CardManifest(cachecard_format=1, format_minor=1, card_id="a" * 32, created="2026-01-01T00:00:00Z",
+                            producer=Producer(version="0"), model=ident, tokens=TokenBinding(count=n, sha256="0" * 64),
                             codecs=Codecs(k="lossless", v="lossless"))
     _commit_root(store, manifest)
-    with pytest.raises(ManifestError, match="implausible"):
+    # one token chunk per id: too many objects; one chunk of 2**31 ids: more than the reader allows at once
+    with pytest.raises((ManifestError, ReadLimitError), match="implausible|limit"):
+        cachecard.open_card(store, max_read_bytes=1 << 30)
+    with pytest.raises(CacheCardError):  # and with the default limit (this machine's memory), still refused
         cachecard.open_card(store)
 
 
 @pytest.mark.parametrize("major, minor, error, match", [
     (2, 0, FormatVersionError, "Upgrade cachecard"),
-    (1, 3, FormatVersionError, "Upgrade cachecard"),
+    (1, 4, FormatVersionError, "Upgrade cachecard"),
     (0, 9, FormatVersionError, "predates"),
 ])
 def test_newer_or_unknown_versions_are_refused(major, minor, error, match):
@@ -236,6 +243,9 @@ def test_card_without_our_codecs_fails_in_plain_zarr():
     meta = json.loads(store._store_dict["k/zarr.json"].to_bytes())
     meta["codecs"][0]["configuration"]["codecs"][0] = {"name": "cachecard.not_installed", "configuration": {}}
     put(store, "k/zarr.json", json.dumps(meta).encode())
+    with pytest.raises(CorruptCardError, match="object table"):  # format 1.3: the document is bound to the card
+        cachecard.open_card(store)
+    forgery.save(forgery.reseal(forgery.load(store)), store)  # as a card with that codec would be
     with pytest.raises(zarr.errors.UnknownCodecError):
         zarr.open_array(store, path="k", mode="r")
     with pytest.raises(cachecard.UnsupportedCodecError, match="cachecard.not_installed"):

@@ -27,9 +27,12 @@ def test_schema_file_matches_models():
 @given(layers=st.integers(1, 8), heads=st.integers(1, 64), dim=st.integers(1, 256).map(lambda d: d * 2),
        dtype=st.sampled_from(["float32", "float16", "bfloat16"]), count=st.integers(0, 2**31 - 1))
 def test_manifest_json_roundtrip_and_stable_digest(layers, heads, dim, dtype, count):
-    m = CardManifest(card_id="f" * 32, created="2026-11-22T00:00:00Z", producer={"version": "0.1.0"},
-                     model=make_identity(layers, heads, dim, dtype), tokens={"count": count, "sha256": "0" * 64},
-                     codecs={"k": "lossless", "v": "lossless"})
+    table = {"k/zarr.json": {"size": 1187, "sha256": "1" * 64},
+             "k/c/0/0/0/0": {"size": 99, "sha256": "2" * 64, "index_sha256": "3" * 64, "chunk_crc32c": "AAAAAA=="}}
+    m = CardManifest(cachecard_format=1, format_minor=3, card_id="f" * 32, created="2026-11-22T00:00:00Z",
+                     producer={"version": "0.1.0"}, model=make_identity(layers, heads, dim, dtype),
+                     tokens={"count": count, "sha256": "0" * 64}, codecs={"k": "lossless", "v": "lossless"},
+                     objects=table)
     doc = json.loads(json.dumps(m.to_json_dict()))
     assert CardManifest.model_validate(doc) == m
     assert manifest_digest(doc) == manifest_digest(m.to_json_dict())

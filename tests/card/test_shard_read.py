@@ -11,7 +11,7 @@ from zarr.storage import MemoryStore
 
 import cachecard
 from cachecard import CorruptCardError
-from cachecard.testing import make_identity, make_kv
+from cachecard.testing import forgery, make_identity, make_kv
 
 
 def both(location, layers, tokens):
@@ -65,6 +65,9 @@ def test_index_entry_outside_the_shard_is_corruption(small_card):
     body = index.tobytes()
     raw[-(16 * n + 4):] = body + google_crc32c.value(body).to_bytes(4, "little")
     shard.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCardError, match="not the one in the object table"):
+        cachecard.open_card(path).read(layers=1)
+    forgery.save(forgery.reseal(forgery.load(path), crcs=False), path)  # past the table: the bounds check
     with pytest.raises(CorruptCardError, match=r"layer 1, kv_head 0-1, token 13-25.*outside the shard"):
         cachecard.open_card(path).read(layers=1)
     cachecard.open_card(path).read(layers=0)  # other chunks read fine

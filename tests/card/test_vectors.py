@@ -24,7 +24,9 @@ def card_path(case: Path) -> Path:
 def test_vector_decodes_exactly(name):
     case = VECTORS / name
     assert case.is_dir(), f"golden vector {name} is missing; vectors are write-once and must stay committed"
-    card = cachecard.open_card(card_path(case))
+    key = (case / "key.txt").read_text() if (case / "key.txt").exists() else None
+    card = cachecard.open_card(card_path(case), key=key)
+    assert card.authenticated == (key is not None) and card.bound == (name >= "v1.3")
     kv = card.read()
     storage = layout.STORAGE_DTYPES[card.manifest.model.kv_dtype]
     assert np.array_equal(kv.k.view(storage), np.load(case / "k.npy"))
@@ -40,6 +42,11 @@ def test_older_minor_is_migrated_and_partially_readable():
     card = cachecard.open_card(card_path(case))
     part = card.read(layers=1, tokens=slice(10, 20))
     assert np.array_equal(part.k.view("<f2"), np.load(case / "k.npy")[1:2, :, 10:20])
+
+
+def test_keyed_vector_is_refused_under_another_key():
+    with pytest.raises(cachecard.TamperedCardError):
+        cachecard.open_card(VECTORS / "v1.3-float16-keyed" / "card", key="not the golden-vector key, 16+ bytes")
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("v1.0") and "zip" not in n])

@@ -41,19 +41,19 @@ def test_pruned_card_records_what_it_kept_and_where_the_sequence_continues():
     store = zarr.storage.MemoryStore()
     m = cachecard.write_card(store, p.kv, p.tokens, make_identity(), positions=p.positions, pruning=p.record)
     card = cachecard.open_card(store)
-    assert card.format == "1.2" and m.pruning == p.record
+    assert card.format == "1.3" and m.pruning == p.record
     assert card.manifest.pruning.source_tokens == 40 and card.next_position() == 40
     assert np.array_equal(card.positions(), p.positions) and np.array_equal(card.token_ids(), ids[p.positions])
     assert card.read().equal(p.kv)
 
 
-def test_unpruned_cards_stay_format_1_1_without_the_new_key():
+def test_unpruned_cards_say_so_with_a_null_pruning_record():
     store = zarr.storage.MemoryStore()
     cachecard.write_card(store, make_kv(tokens=5), np.arange(5), make_identity())
     card = cachecard.open_card(store)
-    assert card.format == "1.1" and card.manifest.pruning is None and card.next_position() == 5
+    assert card.format == "1.3" and card.manifest.pruning is None and card.next_position() == 5
     attrs = zarr.open_group(store, mode="r").attrs.asdict()["cachecard"]
-    assert "pruning" not in attrs and attrs["format_minor"] == 1
+    assert attrs["pruning"] is None and attrs["format_minor"] == 3  # writers write every key (spec §5.6)
 
 
 def test_pruning_is_never_a_default_and_is_checked():

@@ -3,13 +3,16 @@
 Cards are plain Zarr v3, but the card writer encodes inner chunks itself (codecs get their chunk's context)
 and the readers read shards without zarr's per-chunk pipeline. Both need pieces of zarr that are not public
 API: the chunk spec inside a shard, a serializer's single-chunk encoder, the shard assembler, a zip member's
-size without reading it, and the synchronous bridge to zarr's async stores. They are all here, each tested in
+size without reading it, zip failures turned into card errors, and the synchronous bridge to zarr's async stores. They are all here, each tested in
 tests/card/test_zarr_shim.py, so moving to a newer zarr is a change to this file alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
+import zipfile
+import zlib
 from typing import Any, Iterable
 
 import numpy as np
@@ -24,9 +27,12 @@ from zarr.core.indexing import morton_order_iter
 from zarr.core.sync import sync
 from zarr.storage import ZipStore
 
+from cachecard.card.zipcheck import check_members
+from cachecard.errors import CacheCardError, CorruptCardError
+
 __all__ = [
-    "RangeByteRequest", "SuffixByteRequest", "ShardGeometry", "encode_shard", "encode_single", "get_bytes", "get_ranges",
-    "group_document", "open_zip", "prototype", "shard_geometry", "sync", "zip_member_size",
+    "Buffer", "BufferPrototype", "RangeByteRequest", "SuffixByteRequest", "ShardGeometry", "encode_shard", "encode_single", "get_bytes", "get_ranges",
+    "group_document", "CardZipStore", "open_zip", "prototype", "shard_geometry", "sync", "zip_member_size",
 ]
 
 
@@ -115,10 +121,54 @@ def get_ranges(store: Store, key: str, spans: list[tuple[int, int]], concurrency
     return [None if b is None else b.to_bytes() for b in sync(fetch_all())]
 
 
-def open_zip(path: Any) -> ZipStore:
-    """A read-only ZipStore, opened now (zarr opens stores lazily; raw ``get`` needs it open)."""
-    store = ZipStore(path, mode="r")
-    sync(store._open())  # noqa: SLF001
+# What zipfile and zlib raise on a damaged archive or member (truncation, bad CRC, bad headers, bad streams).
+_ZIP_FAILURES = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError,
+                 struct.error, OverflowError)
+
+
+class CardZipStore(ZipStore):
+    """zarr's read-only ZipStore whose failures are :class:`CorruptCardError` naming the card and member: zarr
+    catches only ``KeyError`` (a missing member), so a damaged zip would surface as ``zipfile.BadZipFile``."""
+
+    label = "<zip>"
+
+    def _get(self, key: str, prototype: BufferPrototype, byte_range: Any = None) -> Buffer | None:
+        try:
+            return super()._get(key, prototype, byte_range)
+        except CacheCardError:
+            raise
+        except _ZIP_FAILURES as e:
+            raise CorruptCardError(f"zip member {key!r} cannot be read ({type(e).__name__}: {e}); the card is "
+                                   "damaged: delete it (or restore it from a replica)", card=self.label,
+                                   part=key) from e
+
+    async def getsize(self, key: str) -> int:
+        """From the central directory (zarr 3.1's ``getsize`` reads the whole member)."""
+        try:
+            return self._zf.getinfo(key).file_size
+        except KeyError:
+            raise FileNotFoundError(key) from None
+
+    def sizes(self) -> dict[str, int]:
+        """Every member (but directory entries) and its size, from the central directory."""
+        return {i.filename: i.file_size for i in self._zf.infolist() if not i.is_dir()}
+
+
+def open_zip(path: Any, label: str | None = None) -> CardZipStore:
+    """A read-only zip card store, opened now (zarr opens stores lazily; raw ``get`` needs it open), its
+    central directory checked (card/zipcheck.py). A damaged container is a :class:`CorruptCardError`."""
+    store = CardZipStore(path, mode="r")
+    store.label = label if label is not None else str(path)
+    try:
+        sync(store._open())  # noqa: SLF001
+    except _ZIP_FAILURES as e:
+        raise CorruptCardError(f"not a readable zip file ({type(e).__name__}: {e}); the card is damaged: delete "
+                               "it (or restore it from a replica)", card=store.label) from e
+    try:
+        check_members(store._zf, store.label)  # noqa: SLF001
+    except CacheCardError:
+        store.close()
+        raise
     return store
 
 

@@ -9,6 +9,7 @@ Format 1.0 (read only): one array per layer, ``k/<layer>`` and ``v/<layer>`` of 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -56,3 +57,28 @@ def legacy_layer_path(which: str, layer: int) -> str:
 def id_chunk(tokens: int) -> int:
     """Chunk length of the ``tokens`` and ``positions`` arrays: one object up to TOKEN_CHUNK ids."""
     return max(1, min(tokens, TOKEN_CHUNK))
+
+
+def as_range(sel: range | slice | int | None, n: int, what: str) -> range:
+    """A layer or token selection (None: all; an int: that one; a slice or range of step 1) as a range."""
+    if sel is None:
+        return range(n)
+    if isinstance(sel, int) and not isinstance(sel, bool):
+        if not 0 <= sel < n and what == "layers":
+            raise IndexError(f"{what} index {sel} out of range for {n}")
+        sel = slice(sel, sel + 1)
+    if isinstance(sel, range):
+        sel = slice(sel.start, sel.stop, sel.step)
+    if not isinstance(sel, slice):
+        raise TypeError(f"{what} must be an int, a range or a slice; got {type(sel).__name__}")
+    r = range(*sel.indices(n))
+    if r.step != 1:
+        raise ValueError(f"{what} must be a contiguous range (step 1); got step {r.step}")
+    return r
+
+
+def grid_cells(bounds: list[tuple[int, int]], grid: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The chunk-grid cells that a region (per-axis ``(start, stop)``) touches, in C order."""
+    if any(b <= a for a, b in bounds):
+        return []
+    return list(itertools.product(*(range(a // g, (b - 1) // g + 1) for (a, b), g in zip(bounds, grid))))

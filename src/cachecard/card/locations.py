@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import uuid
 import zipfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore, WrapperStore, ZipStore
 
 from cachecard.card._zarr import open_zip, sync
-from cachecard.errors import CardExistsError, CardNotFoundError, NotACardError
+from cachecard.errors import CardExistsError, CardNotFoundError, CorruptCardError, NotACardError
 
 ROOT_KEY = "zarr.json"
 Location = str | os.PathLike[str] | Store
@@ -144,7 +145,8 @@ def _remove(path: Path) -> None:
 
 
 def readable(location: Location, *, storage_options: dict[str, Any] | None = None) -> Store:
-    """Open a location read-only; CardNotFoundError if nothing is there."""
+    """Open a location read-only; CardNotFoundError if nothing is there. A ``.zip`` card's central directory
+    and a directory card's entries are checked first (no symbolic links, no special files inside a card)."""
     if isinstance(location, Store):
         return location
     if _is_url(location):
@@ -154,9 +156,16 @@ def readable(location: Location, *, storage_options: dict[str, Any] | None = Non
         raise CardNotFoundError("nothing is stored here; check the path", card=str(path))
     if path.is_file():
         if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                if f.read(4) == b"PK\x03\x04":  # a zip archive whose end is damaged or cut off
+                    raise CorruptCardError("a damaged or truncated zip archive (no readable central directory)",
+                                           card=str(path))
             raise NotACardError("a file that is not a zip archive: a card is a directory or a .zip file",
                                 card=str(path))
-        return open_zip(path)
+        return open_zip(path, str(path))
+    if not path.is_dir():
+        raise CorruptCardError("neither a directory nor a zip file (a special file); not a card", card=str(path))
+    _refuse_links(path)
     return LocalStore(path, read_only=True)
 
 
@@ -195,6 +204,32 @@ def describe_folder(path: Path) -> NotACardError | None:
         return NotACardError(f"this folder is not a card; it holds {held(path, cards, stores)}", card=str(path))
     return NotACardError("this folder is not a card: it has no zarr.json and none of a card's arrays "
                          "(k, v, tokens)", card=str(path))
+
+
+CARD_ENTRIES = (ROOT_KEY, "k", "v", "tokens", "positions")  # every object of a card lies in one of these
+
+
+def _refuse_links(root: Path) -> None:
+    """A directory card holds directories and regular files only: a symbolic link would read (or, through
+    a store, delete) data outside the card, and a FIFO or device would block or stream forever. Only the
+    card's own entries are walked (readers ignore anything else there)."""
+    for top in CARD_ENTRIES:
+        _check_entry(root, os.path.join(root, top))
+        if os.path.isdir(os.path.join(root, top)) and not os.path.islink(os.path.join(root, top)):
+            for dirpath, dirs, files in os.walk(os.path.join(root, top), followlinks=False):
+                for name in dirs + files:
+                    _check_entry(root, os.path.join(dirpath, name))
+
+
+def _check_entry(root: Path, full: str) -> None:
+    try:
+        mode = os.lstat(full).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a special file"
+        raise CorruptCardError(f"{os.path.relpath(full, root)!r} is {kind}; a card holds only directories and "
+                               "regular files: refusing it (damaged or hostile)", card=str(root))
 
 
 def stored_objects(store: Store) -> dict[str, int]:

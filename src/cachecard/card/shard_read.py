@@ -17,8 +17,10 @@ adapter hands ``cachecard.mlx_affine`` payloads to ``QuantizedKVCache`` with no 
 torch adapters copy the buffer to a GPU and decode there).
 
 Integrity is the same as zarr's path: an index entry outside the shard's data, a truncated chunk or a CRC
-failure is a :class:`CorruptCardError` naming the chunk and the object. Unknown layouts return ``None`` and
-the reader falls back to zarr.
+failure is a :class:`CorruptCardError` naming the chunk and the object. On a format 1.3 card every path also
+checks each chunk's CRC-32C against the object table's value for its (layer, token chunk) (``expected``), so a
+chunk from another card, array or position cannot pass (spec §7.2). Unknown layouts return ``None`` and the
+reader falls back to zarr.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from zarr.storage import LocalStore
 
 from cachecard.card import _zarr
 from cachecard.card._zarr import RangeByteRequest
+from cachecard.card.table_check import TABLE_MISMATCH, first_misplaced, misplaced, unreadable_is_corrupt
 from cachecard.codecs.base import KVCodec
 from cachecard.errors import CorruptCardError
 
@@ -49,6 +52,7 @@ MAX_DIRECT_HEADS = 64     # scatter-read chunks straight into the output up to t
 IOV_BATCH = 1000          # iovecs per preadv call (Linux IOV_MAX is 1024)
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 _STAGING_WORKERS = max(1, min(8, os.cpu_count() or 1))  # read_payloads_into: big reads for device restores
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)  # a card never reads through a symbolic link
 
 try:  # the crc32c package releases the GIL, so parallel workers check CRCs in parallel; same values
     from crc32c import crc32c as _crc32c
@@ -65,10 +69,11 @@ class _Chunk:
 
 
 def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
-                      bounds: list[tuple[int, int]], label: str, name: str,
-                      out: np.ndarray | None = None) -> np.ndarray | None:
+                      bounds: list[tuple[int, int]], label: str, name: str, out: np.ndarray | None = None, *,
+                      expected: np.ndarray | None = None) -> np.ndarray | None:
     """Decode ``bounds`` (per-axis ``(start, stop)`` of (layer, kv_head, token, channel)) of the card array
-    ``arr`` from its single shard ``key``; ``None`` if this layout is not one the fast path knows."""
+    ``arr`` from its single shard ``key``; ``None`` if this layout is not one the fast path knows.
+    ``expected``: the object table's CRC-32C per (layer, token chunk), checked against every chunk read."""
     meta = arr.metadata
     codecs = meta.codecs
     if arr.ndim != 4 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
@@ -116,8 +121,11 @@ def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, 
             if len(raw) != ck.nbytes:
                 raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
             body = raw[:-4]
-            if google_crc32c.value(body) != int(raw[-4:].view("<u4")[0]):
+            stored = int(raw[-4:].view("<u4")[0])
+            if google_crc32c.value(body) != stored:
                 raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
+            if misplaced(expected, ck.layer, ck.j, stored):
+                raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, TABLE_MISMATCH)
             payloads.append((ck, raw))
         try:
             decoded = decode([raw for _, raw in payloads])
@@ -140,9 +148,11 @@ def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, 
     if path is not None and getattr(decode, "plain", False) and H <= MAX_DIRECT_HEADS and (h0, h1) == (0, H) \
             and (d0, d1) == (0, D):
         check = functools.partial(_corrupt, label, name, key, c=c, H=H, D=D, T=T)
-        _read_local_direct(path, runs, out, l0, t0, t1, c, check)
+        with unreadable_is_corrupt(label, name, key):
+            _read_local_direct(path, runs, out, l0, t0, t1, c, check, expected)
     elif path is not None:
-        _read_local(path, runs, place)
+        with unreadable_is_corrupt(label, name, key):
+            _read_local(path, runs, place)
     else:
         _read_remote(store, key, runs, place)
     return out
@@ -190,8 +200,26 @@ def _indexed_chunks(arr: zarr.Array, key: str, shard_size: int, index: np.ndarra
     return chunks
 
 
+def check_stored_crcs(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray, layers: range,
+                      tokens: range, expected: np.ndarray, label: str, name: str) -> None:
+    """For reads that zarr decodes (it checks each chunk against its stored CRC-32C): every chunk of ``layers``
+    × the token chunks that meet ``tokens`` must store the object table's CRC-32C for its position. One 4-byte
+    ranged read per chunk; only the fallback path needs it."""
+    L, H, T, D = arr.shape
+    c = arr.chunks[2]
+    chunks = _indexed_chunks(arr, key, shard_size, index, layers, tokens, label, name)
+    tails = _zarr.get_ranges(store, key, [(ck.offset + ck.nbytes - 4, ck.offset + ck.nbytes) for ck in chunks],
+                             REMOTE_CONCURRENCY)
+    for ck, tail in zip(chunks, tails):
+        if tail is None or len(tail) != 4:
+            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
+        if misplaced(expected, ck.layer, ck.j, int.from_bytes(tail, "little")):
+            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, TABLE_MISMATCH)
+
+
 def _read_encoded_remote(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
-                         layers: range, tokens: range, label: str, name: str) -> list[tuple[int, int, np.ndarray]]:
+                         layers: range, tokens: range, label: str, name: str,
+                         expected: np.ndarray | None) -> list[tuple[int, int, np.ndarray]]:
     """:func:`read_payloads_into` for object stores: one ranged request covers every chunk; returns
     ``(layer, token_chunk_index, payload)`` in (layer, token) order, each crc32c verified and stripped."""
     L, H, T, D = arr.shape
@@ -208,23 +236,27 @@ def _read_encoded_remote(store: Store, arr: zarr.Array, key: str, shard_size: in
         part = raw[ck.offset - start:ck.offset - start + ck.nbytes]
         if len(part) != ck.nbytes:
             raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
-        if _crc32c(part[:-4]) != int(part[-4:].view("<u4")[0]):
+        stored = int(part[-4:].view("<u4")[0])
+        if _crc32c(part[:-4]) != stored:
             raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
+        if misplaced(expected, ck.layer, ck.j, stored):
+            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, TABLE_MISMATCH)
         out.append((ck.layer, ck.j, part[:-4]))
     return out
 
 
 def read_payloads_into(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
                        layers: range, tokens: range, label: str, name: str,
-                       alloc: Callable[[int], np.ndarray]) -> list[tuple[int, int, int, int]]:
+                       alloc: Callable[[int], np.ndarray], *,
+                       expected: np.ndarray | None = None) -> list[tuple[int, int, int, int]]:
     """The stored payloads of the inner chunks of ``layers`` × the token chunks that meet ``tokens`` of ``arr``
     (one that :func:`encoded_serializer` accepts), crc32c verified and stripped, back to back in one buffer
     from ``alloc(total bytes)`` (a pinned staging buffer for a device copy, say); on local stores parallel
-    workers read and check them in place. Returns ``(layer, token_chunk_index, offset, nbytes)`` per chunk in
-    (layer, token) order."""
+    workers read and check them in place (against ``expected``, the object table's CRC-32C per (layer, token
+    chunk), too). Returns ``(layer, token_chunk_index, offset, nbytes)`` per chunk in (layer, token) order."""
     path = _local_path(store, key)
     if path is None:  # object stores: one ranged read, then a copy
-        found = _read_encoded_remote(store, arr, key, shard_size, index, layers, tokens, label, name)
+        found = _read_encoded_remote(store, arr, key, shard_size, index, layers, tokens, label, name, expected)
         out = alloc(sum(p.nbytes for _, _, p in found))
         places, pos = [], 0
         for layer, j, payload in found:
@@ -244,18 +276,19 @@ def read_payloads_into(store: Store, arr: zarr.Array, key: str, shard_size: int,
         raise CorruptCardError(f"object {key!r} is missing; the card is damaged (or was deleted while being read)",
                                card=label, part=name)
     check = functools.partial(_corrupt, label, name, key, c=c, H=H, D=D, T=T)
-    _scatter_payloads(path, chunks, [at for _, _, at, _ in places], out, check)
+    with unreadable_is_corrupt(label, name, key):
+        _scatter_payloads(path, chunks, [at for _, _, at, _ in places], out, check, expected)
     return places
 
 
 def _scatter_payloads(path: Path, chunks: list[_Chunk], dest: list[int], out: np.ndarray,
-                      check: Callable[..., CorruptCardError]) -> None:
+                      check: Callable[..., CorruptCardError], expected: np.ndarray | None) -> None:
     """``preadv`` each chunk's payload straight to ``out[dest:]`` and its crc32c beside it (one kernel copy,
     no staging), then check the CRCs in place; runs of chunks go to parallel workers."""
     order = sorted(range(len(chunks)), key=lambda i: chunks[i].offset)
     runs = _coalesce([chunks[i] for i in order])
     at = {id(chunks[i]): dest[i] for i in order}
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, _OPEN_FLAGS)
     try:
         def work(batch: list[list[_Chunk]]) -> None:
             junk = memoryview(np.empty(RUN_GAP, dtype=np.uint8))
@@ -281,6 +314,9 @@ def _scatter_payloads(path: Path, chunks: list[_Chunk], dest: list[int], out: np
                     if got != want:
                         raise check(layer=run[-1].layer, j=run[-1].j, why="the shard is truncated")
                 stored = crcs.view("<u4")[:, 0]
+                bad = first_misplaced(expected, run, stored)
+                if bad >= 0:
+                    raise check(layer=run[bad].layer, j=run[bad].j, why=TABLE_MISMATCH)
                 for i, ck in enumerate(run):
                     a = at[id(ck)]
                     if _crc32c(out[a:a + ck.nbytes - 4]) != stored[i]:
@@ -342,7 +378,7 @@ def _local_path(store: Store, key: str) -> Path | None:
 
 def _read_local(path: Path, runs: list[list[_Chunk]], place: Callable[[np.ndarray, int, list[_Chunk]], None],
                 workers: int = _WORKERS) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, _OPEN_FLAGS)
     try:
         def work(batch: list[list[_Chunk]]) -> None:
             buf = np.empty(max(_span(r)[1] - _span(r)[0] for r in batch), dtype=np.uint8)
@@ -358,7 +394,7 @@ def _read_local(path: Path, runs: list[list[_Chunk]], place: Callable[[np.ndarra
 
 
 def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0: int, t0: int, t1: int, c: int,
-                       check: Callable[..., CorruptCardError]) -> None:
+                       check: Callable[..., CorruptCardError], expected: np.ndarray | None = None) -> None:
     """Plain (``bytes`` + crc32c) chunks of a local shard: ``preadv`` scatters each chunk's bytes straight
     into the output (one kernel copy, as a raw read does), then the CRC is checked in place. Chunks cut by
     the token range (or holding padding) go through a scratch buffer."""
@@ -367,7 +403,7 @@ def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0
     # (layer, head) rows of bytes: contiguous even when ``out`` is a token-range view of a larger buffer
     rows_np = [[out[li, h].reshape(-1).view(np.uint8) for h in range(H)] for li in range(nl)]
     rows_mv = [[memoryview(x) for x in r] for r in rows_np]
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, _OPEN_FLAGS)
     try:
         def work(batch: list[list[_Chunk]]) -> None:
             junk = memoryview(np.empty(RUN_GAP, dtype=np.uint8))
@@ -408,6 +444,9 @@ def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0
                     if got != want:
                         raise check(layer=run[-1].layer, j=run[-1].j, why="the shard is truncated")
                 stored = crcs.view("<u4")[:, 0]
+                bad = first_misplaced(expected, [d[0] for d in direct], stored[[d[4] for d in direct]])
+                if bad >= 0:
+                    raise check(layer=direct[bad][0].layer, j=direct[bad][0].j, why=TABLE_MISMATCH)
                 for ck, li, x0, x1, i in direct:
                     crc = 0
                     for row in rows_np[li]:
@@ -417,6 +456,8 @@ def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0
                 for ck, buf in scratch:
                     if google_crc32c.value(buf[:-4]) != int(buf[-4:].view("<u4")[0]):
                         raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
+                    if misplaced(expected, ck.layer, ck.j, int(buf[-4:].view("<u4")[0])):
+                        raise check(layer=ck.layer, j=ck.j, why=TABLE_MISMATCH)
                     if len(buf) - 4 != H * c * rb:
                         raise check(layer=ck.layer, j=ck.j, why=f"chunk holds {len(buf) - 4} bytes")
                     block = buf[:-4].view(out.dtype).reshape(H, c, D)
@@ -497,4 +538,4 @@ def _corrupt(label: str, name: str, key: str, layer: int = 0, j: int = 0, c: int
                             "delete the card and save it again, or restore it from a replica", card=label, part=name)
 
 
-__all__ = ["encoded_serializer", "read_payloads_into", "read_shard_region"]
+__all__ = ["check_stored_crcs", "encoded_serializer", "read_payloads_into", "read_shard_region"]

@@ -1,4 +1,4 @@
-"""Writing a card (spec/cachecard-1.md §4–7): data first, the manifest last, atomically."""
+"""Writing a card (spec/cachecard-1.md §4–7): data first, the manifest (with the object table) last, atomically."""
 
 from __future__ import annotations
 
@@ -10,19 +10,18 @@ import numpy as np
 import zarr
 
 from cachecard._version import __version__
-from cachecard.card import _zarr, layout
+from cachecard.card import _zarr, keyed, layout, objects
 from cachecard.codecs import pipeline
 from cachecard.errors import KVShapeError
 from cachecard.kv import CanonicalKV, token_ids
 from cachecard.card.shard_write import write_kv_shard
 from cachecard.card.locations import ROOT_KEY, Location, writable
+from cachecard.card.root import DIGEST_ATTR, MANIFEST_ATTR
 from cachecard.manifest import (
     CardManifest, Codecs, ModelIdentity, ParentRef, Producer, Pruning, TokenBinding, manifest_digest,
     token_digest,
 )
 
-MANIFEST_ATTR = "cachecard"
-DIGEST_ATTR = "cachecard_sha256"
 
 
 def write_card(
@@ -40,6 +39,7 @@ def write_card(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     card_id: str | None = None,
+    key: keyed.StoreKey = None,
 ) -> CardManifest:
     """Write ``kv`` for ``tokens`` as a new card at ``location`` and return its manifest.
 
@@ -60,16 +60,21 @@ def write_card(
     positions
         Explicit token positions, for caches whose tokens are not contiguous (pruned caches).
     pruning
-        The record of a pruned cache (``cachecard.transforms.pruning.prune`` makes it with the positions); the
-        card is then written in format 1.2. Without it the card is format 1.1, readable by older readers.
+        The record of a pruned cache (``cachecard.transforms.pruning.prune`` makes it with the positions).
     card_id
         The new card's id (32 lowercase hex digits); a random UUID4 by default. The store picks ids itself
         so a card's location can be named after it.
+    key
+        The store key for keyed tamper evidence (spec §7.4): the card then carries an HMAC of its manifest
+        that readers holding the key check. Default: ``$CACHECARD_KEY`` if set, else none.
+
+    The card is format 1.3: its manifest lists every object with its size and SHA-256 (the object table).
     """
     ids = _token_array(tokens, kv.num_tokens)
     pos = None if positions is None else _positions_array(positions, kv.num_tokens)
     _check_kv_matches_model(kv, model)
     k_codec, v_codec = (codec, codec) if isinstance(codec, str) else codec
+    store_key = keyed.resolve_key(key)
     if not 1 <= chunk_tokens <= 1 << 20:
         raise ValueError(f"chunk_tokens must be in [1, 1048576]; got {chunk_tokens}.")
 
@@ -83,15 +88,18 @@ def write_card(
         positions="explicit" if pos is not None else "contiguous",
         parent=parent,
         codecs=Codecs(k=k_codec, v=v_codec),
-        format_minor=2 if pruning is not None else 1,
+        cachecard_format=1,
+        format_minor=3,
         pruning=pruning,
+        objects={},  # filled in once every object is stored
     )
     # Unknown presets and codecs that cannot take this KV fail here, before anything is written.
     pipelines = {"k": pipeline(k_codec, "k", kv.k, model), "v": pipeline(v_codec, "v", kv.v, model)}
     pos_all = pos if pos is not None else np.arange(manifest.start_position,
                                                     manifest.start_position + kv.num_tokens, dtype=np.int64)
 
-    with writable(location, overwrite=overwrite, storage_options=storage_options) as (data, root):
+    with writable(location, overwrite=overwrite, storage_options=storage_options) as (deferred, root):
+        data = objects.Recorder(deferred)
         storage = layout.STORAGE_DTYPES[kv.dtype]
         chunk = layout.balanced_chunk(kv.num_tokens, chunk_tokens)
         shape = layout.kv_shape(kv.num_layers, kv.num_kv_heads, kv.num_tokens, kv.head_dim)
@@ -106,11 +114,14 @@ def write_card(
                 config={"write_empty_chunks": True},  # a missing chunk must mean corruption, never zeros
             )
             if arr.size:
+                data.expect_shard(objects.shard_key(which), kv.num_layers * (z.shards[2] // chunk))
                 write_kv_shard(z, arr.view(storage), pos_all, which)
         _write_ids(data, "tokens", ids)
         if pos is not None:
             _write_ids(data, "positions", pos)
-        _commit_root(root, manifest)
+        manifest = CardManifest.model_validate(
+            {**dict(manifest), "objects": objects.table_entries(data.recorded, data.shards)})
+        _commit_root(root, manifest, store_key)
     return manifest
 
 
@@ -124,10 +135,14 @@ def _write_ids(store: Any, name: str, ids: np.ndarray) -> None:
         z[...] = ids
 
 
-def _commit_root(root: Any, manifest: CardManifest) -> None:
-    """Write the root group document: the commit point of a card."""
+def _commit_root(root: Any, manifest: CardManifest, key: bytes | None = None) -> None:
+    """Write the root group document: the commit point of a card (with the HMAC when there is a store key)."""
     doc = manifest.to_json_dict()
-    raw = _zarr.group_document({MANIFEST_ATTR: doc, DIGEST_ATTR: manifest_digest(doc)})
+    digest = manifest_digest(doc)
+    attrs = {MANIFEST_ATTR: doc, DIGEST_ATTR: digest}
+    if key is not None:
+        attrs[keyed.HMAC_ATTR] = keyed.tag(key, digest)
+    raw = _zarr.group_document(attrs)
     _zarr.sync(root.set(ROOT_KEY, _zarr.prototype().buffer.from_bytes(raw)))
 
 
