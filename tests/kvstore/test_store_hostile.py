@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cachecard import AgentIdError, CardNotFoundError, IdentityMismatchError, KVShapeError, StoreError

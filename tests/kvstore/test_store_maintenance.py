@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import cachecard
@@ -77,7 +76,6 @@ def test_verify_finds_a_corrupt_card_and_a_swapped_card(store):
         store.load(a)
     # a card copied in under another card's name is refused, not served as the other one's KV
     store._cards.clear()
-    import shutil
     shutil.rmtree(store.card_location(a))
     shutil.copytree(store.card_location(b), store.card_location(a))
     with pytest.raises(CorruptCardError, match="does not match the index"):

@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cachecard import CardNotFoundError, Match, Store
+from cachecard import CardNotFoundError, Store
 from store_backends import BACKENDS
 from store_worker import identity, kv_for
 

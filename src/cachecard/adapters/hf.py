@@ -212,8 +212,6 @@ def restore(card: Card | Location, model: PreTrainedModel, *, input_ids: object 
     n = card.manifest.tokens.count if tokens is None else tokens
     if input_ids is not None:
         n = min(n, usable_prefix(card, input_ids))
-    device = device or next(model.parameters()).device
-    dtype = _kv_dtype(model)
     if card.manifest.positions == "explicit" and input_ids is not None:
         raise KVShapeError(f"card {card.label} is pruned (explicit positions); generate() assumes positions "
                            f"0..n-1. Restore it without input_ids and pass position_ids from "

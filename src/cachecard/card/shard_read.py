@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,36 +36,17 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.storage import LocalStore
 
 from cachecard.card import _zarr
-from cachecard.card._zarr import RangeByteRequest
 from cachecard.card.table_check import TABLE_MISMATCH, first_misplaced, misplaced, unreadable_is_corrupt
 from cachecard.codecs.base import KVCodec
 from cachecard.errors import CorruptCardError
 
-RUN_GAP = 64 << 10        # coalesce ranges separated by less than this many bytes
-RUN_MAX = 8 << 20         # but keep each read at most this large (streamed through a reused buffer)
-REMOTE_CONCURRENCY = 16   # ranged requests in flight per read on object stores
-MAX_DIRECT_HEADS = 64     # scatter-read chunks straight into the output up to this many KV heads
-IOV_BATCH = 1000          # iovecs per preadv call (Linux IOV_MAX is 1024)
-_WORKERS = max(1, min(4, os.cpu_count() or 1))
-_STAGING_WORKERS = max(1, min(8, os.cpu_count() or 1))  # read_payloads_into: big reads for device restores
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)  # a card never reads through a symbolic link
-
-try:  # the crc32c package releases the GIL, so parallel workers check CRCs in parallel; same values
-    from crc32c import crc32c as _crc32c
-except ImportError:  # pragma: no cover - google_crc32c is always there (zarr's own dependency)
-    _crc32c = google_crc32c.value
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    layer: int      # grid coordinate along layers
-    j: int          # token-chunk index
-    offset: int
-    nbytes: int
-
+from cachecard.card.shard_io import (
+    IOV_BATCH, MAX_DIRECT_HEADS, REMOTE_CONCURRENCY, RUN_GAP, _OPEN_FLAGS, _WORKERS, _Chunk, _coalesce, _corrupt,
+    _in_workers, _local_path, _pread_into, _preadv_full, _span,
+)
+from cachecard.card.shard_payloads import check_stored_crcs, encoded_serializer, read_payloads_into  # noqa: F401
 
 def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
                       bounds: list[tuple[int, int]], label: str, name: str, out: np.ndarray | None = None, *,
@@ -158,175 +138,6 @@ def read_shard_region(store: Store, arr: zarr.Array, key: str, shard_size: int, 
     return out
 
 
-def encoded_serializer(arr: zarr.Array) -> Any | None:
-    """The serializer of a format 1.1 card array whose inner chunks are ``serializer + crc32c`` (so a
-    stored payload is exactly the serializer's bytes); ``None`` for any other layout."""
-    codecs = arr.metadata.codecs
-    if arr.ndim != 4 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-        return None
-    pipe = codecs[0].codec_pipeline
-    after = list(pipe.bytes_bytes_codecs)
-    if list(pipe.array_array_codecs) or len(after) != 1 or not isinstance(after[0], Crc32cCodec):
-        return None
-    return pipe.array_bytes_codec
-
-
-def _indexed_chunks(arr: zarr.Array, key: str, shard_size: int, index: np.ndarray, layers: range, tokens: range,
-                    label: str, name: str) -> list[_Chunk]:
-    """The checked index entries of ``layers`` × the token chunks that meet ``tokens``, in (layer, token)
-    order: every entry must lie inside the shard's data, and no two may overlap (the undecoded paths hand
-    payloads to runtimes as they are, so a chunk must be exactly its own bytes)."""
-    L, H, T, D = arr.shape
-    c = arr.chunks[2]
-    per_tokens = arr.shards[2] // c
-    if len(index) != L * per_tokens:
-        raise CorruptCardError(f"the shard index of object {key!r} has {len(index)} entries for a grid of "
-                               f"{L * per_tokens} chunks; delete the card and save it again", card=label, part=name)
-    if not len(layers) or not len(tokens):
-        return []
-    data_end = shard_size - (16 * len(index) + 4)
-    chunks = []
-    for layer in layers:
-        for j in range(tokens.start // c, (tokens.stop - 1) // c + 1):
-            off, nb = (int(x) for x in index[layer * per_tokens + j])
-            if nb < 4 or off > data_end or nb > data_end - off:
-                raise _corrupt(label, name, key, layer, j, c, H, D, T,
-                               f"its index entry ({off}, {nb}) lies outside the shard's data")
-            chunks.append(_Chunk(layer, j, off, nb))
-    by_offset = sorted(chunks, key=lambda ck: ck.offset)
-    for a, b in zip(by_offset, by_offset[1:]):  # our writer never shares bytes between chunks
-        if b.offset < a.offset + a.nbytes:
-            raise _corrupt(label, name, key, b.layer, b.j, c, H, D, T, "its index entry overlaps another chunk")
-    return chunks
-
-
-def check_stored_crcs(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray, layers: range,
-                      tokens: range, expected: np.ndarray, label: str, name: str) -> None:
-    """For reads that zarr decodes (it checks each chunk against its stored CRC-32C): every chunk of ``layers``
-    × the token chunks that meet ``tokens`` must store the object table's CRC-32C for its position. One 4-byte
-    ranged read per chunk; only the fallback path needs it."""
-    L, H, T, D = arr.shape
-    c = arr.chunks[2]
-    chunks = _indexed_chunks(arr, key, shard_size, index, layers, tokens, label, name)
-    tails = _zarr.get_ranges(store, key, [(ck.offset + ck.nbytes - 4, ck.offset + ck.nbytes) for ck in chunks],
-                             REMOTE_CONCURRENCY)
-    for ck, tail in zip(chunks, tails):
-        if tail is None or len(tail) != 4:
-            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
-        if misplaced(expected, ck.layer, ck.j, int.from_bytes(tail, "little")):
-            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, TABLE_MISMATCH)
-
-
-def _read_encoded_remote(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
-                         layers: range, tokens: range, label: str, name: str,
-                         expected: np.ndarray | None) -> list[tuple[int, int, np.ndarray]]:
-    """:func:`read_payloads_into` for object stores: one ranged request covers every chunk; returns
-    ``(layer, token_chunk_index, payload)`` in (layer, token) order, each crc32c verified and stripped."""
-    L, H, T, D = arr.shape
-    c = arr.chunks[2]
-    chunks = _indexed_chunks(arr, key, shard_size, index, layers, tokens, label, name)
-    if not chunks:
-        return []
-    start = min(ck.offset for ck in chunks)
-    end = max(ck.offset + ck.nbytes for ck in chunks)
-    got = _zarr.get_bytes(store, key, RangeByteRequest(start, end))
-    raw = np.empty(0, np.uint8) if got is None else np.frombuffer(got, dtype=np.uint8)
-    out = []
-    for ck in chunks:
-        part = raw[ck.offset - start:ck.offset - start + ck.nbytes]
-        if len(part) != ck.nbytes:
-            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "the shard is truncated")
-        stored = int(part[-4:].view("<u4")[0])
-        if _crc32c(part[:-4]) != stored:
-            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, "crc32c mismatch")
-        if misplaced(expected, ck.layer, ck.j, stored):
-            raise _corrupt(label, name, key, ck.layer, ck.j, c, H, D, T, TABLE_MISMATCH)
-        out.append((ck.layer, ck.j, part[:-4]))
-    return out
-
-
-def read_payloads_into(store: Store, arr: zarr.Array, key: str, shard_size: int, index: np.ndarray,
-                       layers: range, tokens: range, label: str, name: str,
-                       alloc: Callable[[int], np.ndarray], *,
-                       expected: np.ndarray | None = None) -> list[tuple[int, int, int, int]]:
-    """The stored payloads of the inner chunks of ``layers`` × the token chunks that meet ``tokens`` of ``arr``
-    (one that :func:`encoded_serializer` accepts), crc32c verified and stripped, back to back in one buffer
-    from ``alloc(total bytes)`` (a pinned staging buffer for a device copy, say); on local stores parallel
-    workers read and check them in place (against ``expected``, the object table's CRC-32C per (layer, token
-    chunk), too). Returns ``(layer, token_chunk_index, offset, nbytes)`` per chunk in (layer, token) order."""
-    path = _local_path(store, key)
-    if path is None:  # object stores: one ranged read, then a copy
-        found = _read_encoded_remote(store, arr, key, shard_size, index, layers, tokens, label, name, expected)
-        out = alloc(sum(p.nbytes for _, _, p in found))
-        places, pos = [], 0
-        for layer, j, payload in found:
-            out[pos:pos + payload.nbytes] = payload
-            places.append((layer, j, pos, payload.nbytes))
-            pos += payload.nbytes
-        return places
-    L, H, T, D = arr.shape
-    c = arr.chunks[2]
-    chunks = _indexed_chunks(arr, key, shard_size, index, layers, tokens, label, name)
-    places, pos = [], 0
-    for ck in chunks:
-        places.append((ck.layer, ck.j, pos, ck.nbytes - 4))
-        pos += ck.nbytes - 4
-    out = alloc(pos)
-    if not path.is_file():
-        raise CorruptCardError(f"object {key!r} is missing; the card is damaged (or was deleted while being read)",
-                               card=label, part=name)
-    check = functools.partial(_corrupt, label, name, key, c=c, H=H, D=D, T=T)
-    with unreadable_is_corrupt(label, name, key):
-        _scatter_payloads(path, chunks, [at for _, _, at, _ in places], out, check, expected)
-    return places
-
-
-def _scatter_payloads(path: Path, chunks: list[_Chunk], dest: list[int], out: np.ndarray,
-                      check: Callable[..., CorruptCardError], expected: np.ndarray | None) -> None:
-    """``preadv`` each chunk's payload straight to ``out[dest:]`` and its crc32c beside it (one kernel copy,
-    no staging), then check the CRCs in place; runs of chunks go to parallel workers."""
-    order = sorted(range(len(chunks)), key=lambda i: chunks[i].offset)
-    runs = _coalesce([chunks[i] for i in order])
-    at = {id(chunks[i]): dest[i] for i in order}
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        def work(batch: list[list[_Chunk]]) -> None:
-            junk = memoryview(np.empty(RUN_GAP, dtype=np.uint8))
-            for run in batch:
-                crcs = np.empty((len(run), 4), dtype=np.uint8)
-                crc_mv = memoryview(crcs.reshape(-1))
-                iov: list[memoryview] = []
-                pos = start = run[0].offset
-                for i, ck in enumerate(run):
-                    if ck.offset < pos:  # overlapping chunks: only a hostile index does this
-                        raise check(layer=ck.layer, j=ck.j, why="its index entry overlaps another chunk")
-                    if ck.offset > pos:
-                        iov.append(junk[:ck.offset - pos])
-                    a = at[id(ck)]
-                    iov.append(memoryview(out[a:a + ck.nbytes - 4]))
-                    iov.append(crc_mv[4 * i:4 * i + 4])
-                    pos = ck.offset + ck.nbytes
-                got = want = 0
-                for k in range(0, len(iov), IOV_BATCH):
-                    part = iov[k:k + IOV_BATCH]
-                    got += _preadv_full(fd, part, start + want)
-                    want += sum(len(m) for m in part)
-                    if got != want:
-                        raise check(layer=run[-1].layer, j=run[-1].j, why="the shard is truncated")
-                stored = crcs.view("<u4")[:, 0]
-                bad = first_misplaced(expected, run, stored)
-                if bad >= 0:
-                    raise check(layer=run[bad].layer, j=run[bad].j, why=TABLE_MISMATCH)
-                for i, ck in enumerate(run):
-                    a = at[id(ck)]
-                    if _crc32c(out[a:a + ck.nbytes - 4]) != stored[i]:
-                        raise check(layer=ck.layer, j=ck.j, why="crc32c mismatch")
-
-        _in_workers(work, runs, _STAGING_WORKERS)
-    finally:
-        os.close(fd)
-
-
 def _decoder(serializer: Any, after: list[Any], arr: zarr.Array, storage: np.dtype,
              shape: tuple[int, ...]) -> Callable[[list[np.ndarray]], list[np.ndarray]] | None:
     """A batch decoder of CRC-checked encoded inner chunks (``payload + crc32c``)."""
@@ -351,29 +162,6 @@ def _decoder(serializer: Any, after: list[Any], arr: zarr.Array, storage: np.dty
     # Any other pipeline (e.g. bytes-to-bytes compressors): zarr's codec objects, one batch per run.
     geo = _zarr.shard_geometry(arr)
     return lambda raws: [d.view(storage).reshape(shape) for d in geo.decode_batch(raws)]
-
-
-def _coalesce(chunks: list[_Chunk]) -> list[list[_Chunk]]:
-    runs: list[list[_Chunk]] = []
-    start = end = 0
-    for ck in chunks:  # sorted by offset
-        if runs and ck.offset - end <= RUN_GAP and ck.offset + ck.nbytes - start <= RUN_MAX:
-            runs[-1].append(ck)
-            end = max(end, ck.offset + ck.nbytes)
-            continue
-        runs.append([ck])
-        start, end = ck.offset, ck.offset + ck.nbytes
-    return runs
-
-
-def _span(run: list[_Chunk]) -> tuple[int, int]:
-    return run[0].offset, max(x.offset + x.nbytes for x in run)
-
-
-def _local_path(store: Store, key: str) -> Path | None:
-    if type(store) is LocalStore:
-        return Path(store.root) / key
-    return None
 
 
 def _read_local(path: Path, runs: list[list[_Chunk]], place: Callable[[np.ndarray, int, list[_Chunk]], None],
@@ -469,52 +257,6 @@ def _read_local_direct(path: Path, runs: list[list[_Chunk]], out: np.ndarray, l0
         os.close(fd)
 
 
-def _in_workers(work: Callable[[list[list[_Chunk]]], None], runs: list[list[_Chunk]], workers: int) -> None:
-    """``work`` over ``runs`` dealt round-robin to up to ``workers`` threads (reads release the GIL)."""
-    n = min(workers, len(runs))
-    if n <= 1:
-        work(runs)
-        return
-    with ThreadPoolExecutor(n) as pool:
-        for f in [pool.submit(work, runs[i::n]) for i in range(n)]:
-            f.result()
-
-
-def _preadv_full(fd: int, bufs: list[memoryview], offset: int) -> int:
-    """preadv until every buffer is full or the file ends; returns the bytes read."""
-    total = sum(len(m) for m in bufs)
-    got = os.preadv(fd, bufs, offset)
-    if got == total or got == 0:
-        return got
-    # A short read (rare on regular files): finish buffer by buffer.
-    done = got
-    skip = got
-    for m in bufs:
-        if skip >= len(m):
-            skip -= len(m)
-            continue
-        part = m[skip:]
-        skip = 0
-        while len(part):
-            n = os.preadv(fd, [part], offset + done)
-            if n == 0:
-                return done
-            done += n
-            part = part[n:]
-    return done
-
-
-def _pread_into(fd: int, view: np.ndarray, offset: int) -> int:
-    mv = memoryview(view)
-    got = 0
-    while got < len(mv):
-        n = os.preadv(fd, [mv[got:]], offset + got)
-        if n == 0:
-            break  # end of file: the caller reports truncation
-        got += n
-    return got
-
-
 def _read_remote(store: Store, key: str, runs: list[list[_Chunk]],
                  place: Callable[[np.ndarray, int, list[_Chunk]], None]) -> None:
     got = _zarr.get_ranges(store, key, [_span(r) for r in runs], REMOTE_CONCURRENCY)
@@ -527,15 +269,6 @@ def _read_remote(store: Store, key: str, runs: list[list[_Chunk]],
     with ThreadPoolExecutor(min(_WORKERS, len(jobs))) as pool:
         for f in [pool.submit(place, *job) for job in jobs]:
             f.result()
-
-
-def _corrupt(label: str, name: str, key: str, layer: int = 0, j: int = 0, c: int = 1, H: int = 1, D: int = 1,
-             T: int = 1, why: str = "") -> CorruptCardError:
-    t_end = min((j + 1) * c, T) - 1
-    where = (f"layer {layer}, kv_head 0" + (f"-{H - 1}" if H > 1 else "") + f", token {j * c}"
-             + (f"-{t_end}" if t_end > j * c else "") + ", channel 0" + (f"-{D - 1}" if D > 1 else ""))
-    return CorruptCardError(f"chunk ({where}) in object {key!r} is corrupt or truncated ({why}); "
-                            "delete the card and save it again, or restore it from a replica", card=label, part=name)
 
 
 __all__ = ["check_stored_crcs", "encoded_serializer", "read_payloads_into", "read_shard_region"]

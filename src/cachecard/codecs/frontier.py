@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from cachecard.codecs import _hadamard as hadamard, _tokens as tokens
-from cachecard.codecs.base import ChunkContext, CodecConfig, KVCodec, as_rows, require_power_of_two
+from cachecard.codecs.base import ChunkContext, CodecConfig, KVCodec, require_power_of_two
 from cachecard.errors import KVShapeError, UnsupportedCodecError
 
 if TYPE_CHECKING:
