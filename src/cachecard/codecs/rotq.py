@@ -194,7 +194,7 @@ class RotqCodec(KVCodec):
     def decode_array(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         from cachecard.codecs import _rotq_decode as dec
 
-        data = np.asarray(data, np.uint8)
+        data = np.ascontiguousarray(data, np.uint8)  # the 3-bit unpacking reads it as a strided buffer
         self.check_head_dim(shape[-1])
         layout = self._layout(data[:HEADER.size].tobytes(), data.size, shape)
         return dec.decode_numpy(data, shape, layout, self.config.seed)
