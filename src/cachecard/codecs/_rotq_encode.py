@@ -8,20 +8,33 @@ import numpy as np
 from cachecard.codecs import _bitpack as bitpack, _hadamard as hadamard
 from cachecard.codecs.rotq import (
     GAIN_ITERATIONS, HEADER, MAX_GAIN_RATIO, MIN_REF, PROTECTED_BITS, SCALE, VERSION, levels, scale_codes, scale_table,
-    sylvester,
 )
 
 
 def rotate(z: np.ndarray, seed: int) -> np.ndarray:
-    """u = s ⊙ (H z) / D for rows z (N, D): the decoder's z = H (s ⊙ u) inverted (H H = D·I), in float64."""
-    d = z.shape[-1]
-    return (z.astype(np.float64) @ sylvester(d).astype(np.float64)) * (hadamard.signs(seed, d) / d)
+    """u = s ⊙ (H z) / D for rows z (N, D): the decoder's z = H (s ⊙ u) inverted (H H = D·I), in float64.
+
+    A butterfly, not a BLAS product: a (N, D) x (D, D) product from several writer threads makes a threaded
+    BLAS oversubscribe the cores (70x slower on a busy 2-core machine), and the butterfly is deterministic."""
+    n, d = z.shape
+    y = z.astype(np.float64)
+    h = 1
+    while h < d:  # Sylvester order: pairs (i, i + h) within blocks of 2h
+        v = y.reshape(n, d // (2 * h), 2, h)
+        y = np.concatenate([v[:, :, :1] + v[:, :, 1:], v[:, :, :1] - v[:, :, 1:]], axis=2).reshape(n, d)
+        h *= 2
+    return y * (hadamard.signs(seed, d) / d)
 
 
 def nearest_codes(u: np.ndarray, sigma: np.ndarray, bits: int) -> np.ndarray:
-    """Index of the nearest level of u / sigma (rows), ties to the larger level."""
+    """Index of the nearest level of u / sigma (rows), ties to the larger level: the number of midpoints
+    between adjacent levels that are <= u / sigma."""
     lv = levels(bits).astype(np.float64)
-    return np.searchsorted((lv[1:] + lv[:-1]) / 2, u / sigma[:, None], side="right").astype(np.uint8)
+    v = u / sigma[:, None]
+    codes = np.zeros(u.shape, np.uint8)
+    for mid in (lv[1:] + lv[:-1]) / 2:
+        codes += v >= mid
+    return codes
 
 
 def base_gains(u: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
