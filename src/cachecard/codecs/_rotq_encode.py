@@ -7,7 +7,7 @@ import numpy as np
 
 from cachecard.codecs import _bitpack as bitpack, _hadamard as hadamard
 from cachecard.codecs.rotq import (
-    GAIN_ITERATIONS, HEADER, MAX_GAIN_RATIO, MIN_REF, PROTECTED_BITS, SCALE, VERSION, levels, scale_codes, scale_table,
+    GAIN_ITERATIONS, HEADER, MAX_GAIN_RATIO, MIN_REF, SCALE, VERSION, levels, scale_codes, scale_table,
 )
 
 
@@ -100,5 +100,3 @@ def encode(x: np.ndarray, *, bits: int, ranges: tuple[int, int, int], valid: int
              sc.tobytes()]
     return b"".join(parts)
 
-
-assert PROTECTED_BITS == 8  # int8 codes above

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import Field
 
-from cachecard.codecs import _hadamard as hadamard
 from cachecard.codecs.base import ChunkContext, CodecConfig, KVCodec
 from cachecard.errors import KVShapeError, UnsupportedCodecError
 
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
 
 VERSION = 1
 HEADER = struct.Struct("<BBBBIIIfI")  # version, flags, bits, reserved, sink_end, recent_start, recent_end, ref, 0
-PROTECTED_BITS = 8
 MIN_DIM, MAX_DIM = 8, 1024
 
 # Integer level tables (positive half; the negative half mirrors it): Lloyd-Max centroids for N(0, 1) times
