@@ -46,20 +46,28 @@ def test_torch_decode_is_bit_identical_to_numpy(d, heads, c, bits, center, sinks
     assert np.array_equal(got.numpy().view(np.uint32), want.view(np.uint32))
 
 
-def test_decode_without_torch_is_bit_identical_to_the_int8_product(monkeypatch):
-    """The host decoder takes torch's int8 product when torch is loaded, numpy's float32 BLAS otherwise: the
-    integer sums are exact either way."""
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_host_decode_with_and_without_torch_gives_the_reference_bits(monkeypatch, dtype):
+    """The host decoder takes torch's int8 product and elementwise kernels when torch is loaded, numpy's float32
+    BLAS otherwise; decode_chunk fuses the cast. All give from_float32(decode_array(...)) bit for bit."""
     import sys
+
+    from cachecard.codecs.base import from_float32
 
     codec = RotqCodec(bits=3, center=True, sinks=2, recent=4, seed=5)
     for d in (64, 128):
-        x = stored(kv_like((1, 2, 40, d), 1), "float16")
+        x = stored(kv_like((1, 2, 40, d), 1), dtype)
         data = encode(codec, x, context(0, 40, 40))
-        with_torch = codec.decode_array(data, x.shape)
-        monkeypatch.setitem(sys.modules, "torch", None)
-        without = codec.decode_array(data, x.shape)
-        monkeypatch.undo()
-        assert np.array_equal(with_torch.view(np.uint32), without.view(np.uint32))
+        results = []
+        for hide in (False, True):
+            if hide:
+                monkeypatch.setitem(sys.modules, "torch", None)
+            f32 = codec.decode_array(data, x.shape)
+            results += [f32.view(np.uint32), from_float32(f32, x.dtype).view(np.uint8),
+                        codec.decode_chunk(data, x.shape, x.dtype).view(np.uint8)]
+            monkeypatch.undo()
+        assert all(np.array_equal(results[i], results[i + 3]) for i in range(3))
+        assert np.array_equal(results[1], results[2])
 
 
 def test_protected_tokens_and_their_records_are_where_the_header_says():

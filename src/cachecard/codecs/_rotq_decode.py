@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cachecard.codecs import _hadamard as hadamard
+from cachecard.codecs.base import from_float32
 from cachecard.codecs.rotq import HEADER, levels, record_bytes, scale_table, sylvester
 
 if TYPE_CHECKING:
@@ -89,15 +90,8 @@ def _field_offsets(fields: int, field: int) -> np.ndarray:
 
 
 def hadamard_rows(w: np.ndarray) -> np.ndarray:
-    """H w for rows of signed levels w (N, D) int8, as float32. Every partial sum is an integer below 2^24,
-    so any exact-integer or float32 evaluation gives the same result. When the caller has torch loaded, an
-    int8 x int8 -> int32 product (VNNI on x86, 5x the float32 product's speed); else numpy's float32 BLAS."""
-    torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "_int_mm"):
-        try:
-            return torch._int_mm(torch.from_numpy(w), _int8_sylvester(w.shape[1])).numpy().astype(np.float32)
-        except RuntimeError:  # a torch build without a CPU int8 product: the float path is as exact
-            pass
+    """H w for rows of signed levels w (N, D) int8, as float32 (numpy's float32 BLAS). Every partial sum is
+    an integer below 2^24, so any exact-integer or float32 evaluation gives the same result."""
     n, d = w.shape
     wf = w.astype(np.float32)
     if d < 128:
@@ -116,28 +110,66 @@ def _int8_sylvester(dim: int) -> torch.Tensor:
     return torch.from_numpy(sylvester(dim).astype(np.int8))
 
 
-def decode_numpy(data: np.ndarray, shape: tuple[int, ...], layout: Layout, seed: int) -> np.ndarray:
-    bits, a, r0, r1, centered, ref = layout
+def signed_rows(data: np.ndarray, shape: tuple[int, ...], layout: Layout, seed: int) -> np.ndarray:
+    """w = s ⊙ q of every vector, (G·T, D) int8 in token order."""
+    bits, a, r0, r1, _, _ = layout
     *_, t, d = shape
     g = math.prod(shape[:-2])
     sec = sections(data.size, shape, layout)
     p = a + r1 - r0
-
+    base = signed_levels(data, sec["codes"][0], g * (t - p), bits, d, seed) if t - p else None
+    if not p:
+        return base
     w = np.empty((g, t, d), np.int8)
-    if p:
-        s = hadamard.signs(seed, d).astype(np.int8)
-        pc = data[slice(*sec["pcodes"])].view(np.int8).reshape(g, p, d) * s
-        w[:, :a], w[:, r0:r1] = pc[:, :a], pc[:, a:]
-    if t - p:
-        base = signed_levels(data, sec["codes"][0], g * (t - p), bits, d, seed).reshape(g, t - p, d)
+    pc = data[slice(*sec["pcodes"])].view(np.int8).reshape(g, p, d) * hadamard.signs(seed, d).astype(np.int8)
+    w[:, :a], w[:, r0:r1] = pc[:, :a], pc[:, a:]
+    if base is not None:
+        base = base.reshape(g, t - p, d)
         w[:, a:r0], w[:, r1:] = base[:, :r0 - a], base[:, r0 - a:]
-    sigma = scale_table(np.float32(ref))[data[slice(*sec["scales"])]]
-    x = hadamard_rows(w.reshape(-1, d))
+    return w.reshape(g * t, d)
+
+
+def decode_numpy(data: np.ndarray, shape: tuple[int, ...], layout: Layout, seed: int,
+                 storage: np.dtype | None = None) -> np.ndarray:
+    """The chunk as float32, or (``storage``) in the storage element type, rounded to nearest even.
+
+    When the caller has torch loaded, the product H w is torch's int8 x int8 -> int32 product (VNNI on x86:
+    several times numpy's float32 product) and the scale, mean and cast run as torch's vectorised kernels;
+    the steps and their roundings are the same, so the bits are too (tested)."""
+    *_, t, d = shape
+    g = math.prod(shape[:-2])
+    sec = sections(data.size, shape, layout)
+    w = signed_rows(data, shape, layout, seed)
+    sigma = scale_table(np.float32(layout[5]))[data[slice(*sec["scales"])]]
+    mean = data[slice(*sec["mean"])].view("<f2").reshape(g, 1, d) if layout[4] else None
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "_int_mm"):
+        try:
+            h = torch._int_mm(torch.from_numpy(w), _int8_sylvester(d))
+        except RuntimeError:  # a torch build without a CPU int8 product: the float path is as exact
+            h = None
+        if h is not None:
+            return _finish_torch(torch, h, sigma, mean, (g, t, d), storage).reshape(shape)
+    x = hadamard_rows(w)
     x *= sigma[:, None]
     x = x.reshape(g, t, d)
-    if centered:
-        x += data[slice(*sec["mean"])].view("<f2").astype(np.float32).reshape(g, 1, d)
-    return x.reshape(shape)
+    if mean is not None:
+        x += mean.astype(np.float32)
+    return (x if storage is None else from_float32(x, storage)).reshape(shape)
+
+
+def _finish_torch(torch, h, sigma: np.ndarray, mean: np.ndarray | None, gtd: tuple[int, int, int],  # noqa: ANN001
+                  storage: np.dtype | None) -> np.ndarray:
+    """fl(h · σ), then fl(· + μ), then the cast, with torch on the CPU (separate kernels: no fused multiply-add)."""
+    x = h.to(torch.float32)
+    x.mul_(torch.from_numpy(sigma)[:, None])
+    x = x.view(gtd)
+    if mean is not None:
+        x.add_(torch.from_numpy(mean.copy()).to(torch.float32))
+    if storage is None or np.dtype(storage) == np.dtype("<f4"):
+        return x.numpy()
+    half = x.to(torch.float16 if np.dtype(storage) == np.dtype("<f2") else torch.bfloat16)
+    return half.view(torch.int16).numpy().view(storage)
 
 
 def decode_torch(data: torch.Tensor, shape: tuple[int, ...], layout: Layout, seed: int) -> torch.Tensor:

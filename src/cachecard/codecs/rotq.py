@@ -190,12 +190,19 @@ class RotqCodec(KVCodec):
         return bits, a, r0, r1, bool(flags & 1), ref
 
     def decode_array(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return self._decode_host(data, shape, None)
+
+    def decode_chunk(self, data: np.ndarray, shape: tuple[int, ...], storage: np.dtype) -> np.ndarray:
+        """As the base class (decode, then round to the storage type), with the cast fused into the decode."""
+        return self._decode_host(data, tuple(shape), np.dtype(storage))
+
+    def _decode_host(self, data: np.ndarray, shape: tuple[int, ...], storage: np.dtype | None) -> np.ndarray:
         from cachecard.codecs import _rotq_decode as dec
 
         data = np.ascontiguousarray(data, np.uint8)  # the 3-bit unpacking reads it as a strided buffer
         self.check_head_dim(shape[-1])
         layout = self._layout(data[:HEADER.size].tobytes(), data.size, shape)
-        return dec.decode_numpy(data, shape, layout, self.config.seed)
+        return dec.decode_numpy(data, shape, layout, self.config.seed, storage)
 
     def decode_torch(self, data: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Whole-tensor torch ops on ``data.device`` (only the 24-byte header is read on the host): bit-identical
