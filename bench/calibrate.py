@@ -3,14 +3,13 @@ per layer). One command:
 
     .venv/bin/python bench/calibrate.py   ->  src/cachecard/codecs/profiles/smollm2-135m-instruct.json
 
-Calibration text is the docstrings of standard-library modules, never the pydoc topics the codec benchmark
-evaluates on, so the benchmark stays out of sample.
+Calibration text is the docstrings of standard-library modules (``cachecard.calibrate.default_texts``, what
+``cachecard calibrate`` uses by default), never the pydoc topics the codec benchmark evaluates on, so the
+benchmark stays out of sample.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import sys
 import time
@@ -22,21 +21,10 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from cachecard.adapters import hf  # noqa: E402
+from cachecard.calibrate import default_texts as texts  # noqa: E402
 from cachecard.testing.smollm2 import load  # noqa: E402
 
-MODULES = ["json", "re", "os", "collections", "argparse", "logging", "pathlib", "functools", "itertools",
-           "subprocess", "typing", "unittest", "asyncio", "http.client", "email.message", "csv", "datetime"]
 OUT = HERE.parent / "src" / "cachecard" / "codecs" / "profiles" / "smollm2-135m-instruct.json"
-
-
-def texts() -> list[str]:
-    out = []
-    for name in MODULES:
-        mod = importlib.import_module(name)
-        parts = [inspect.getdoc(mod) or ""]
-        parts += [inspect.getdoc(getattr(mod, a)) or "" for a in sorted(dir(mod)) if not a.startswith("_")]
-        out.append("\n\n".join(p for p in parts if p))
-    return out
 
 
 def main() -> None:

@@ -1,12 +1,17 @@
 """Encode and decode throughput of every preset on one CPU core, in GB/s of fp16 KV (issue 3).
 
-Run: .venv/bin/python bench/codec_speed.py [out.json]   (bench/codecs.py runs it and merges the figures)
+Run: .venv/bin/python bench/codec_speed.py [out.json] [--presets NAME ...]   (bench/codecs.py runs it and merges
+the figures; with --presets only those rows are measured and merged into out.json)
 
 The input is a real SmolLM2-135M KV cache (2048-token prefix of the pydoc corpus) stored as float16; every
 inner chunk (one layer, 256 tokens) is encoded and decoded through the codec objects, as the card writer and
 reader do, without zarr's per-chunk plumbing. BLAS and torch are held to one thread. Decode is reported twice:
 to float32 (what an fp32 model or a device upload takes) and to the card's float16. The baseline in the same
 run is a plain memory copy of the same bytes.
+
+``frontier_parallel`` (with --presets frontier...): the frontier decode of every chunk serially, on 2 threads
+and on 2 processes. constriction (0.5) keeps the GIL while it decodes (its Python bindings never release it),
+so threads cannot help; processes can, at the price of shipping the decoded chunks back.
 """
 
 from __future__ import annotations
@@ -82,15 +87,50 @@ def measure(name: str, k: np.ndarray, v: np.ndarray, identity) -> dict:
     return row
 
 
+def _decode_frontier(job: tuple[dict, bytes, tuple[int, ...]]) -> np.ndarray:
+    config, data, shape = job
+    from cachecard.codecs.frontier import FrontierCodec
+
+    return FrontierCodec(**config).decode_chunk(np.frombuffer(data, np.uint8), shape, np.dtype("<f2"))
+
+
+def frontier_parallel(k: np.ndarray, identity) -> dict:
+    """GB/s of fp16 output decoding every frontier3.2 K chunk: serially, on 2 threads, on 2 processes."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    codec = pipeline("frontier3.2", "k", k, identity).serializer
+    jobs = [(codec.config.model_dump(), codec.encode_chunk(c, ctx), c.shape) for c, ctx in chunks(k)]
+    out = {"serial": k.nbytes / timed(lambda: [_decode_frontier(j) for j in jobs], 1) / 1e9}
+    with ThreadPoolExecutor(2) as pool:
+        out["threads_2"] = k.nbytes / timed(lambda: list(pool.map(_decode_frontier, jobs)), 1) / 1e9
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_decode_frontier, jobs[:2]))  # start the workers
+        out["processes_2"] = k.nbytes / timed(lambda: list(pool.map(_decode_frontier, jobs, chunksize=8)), 1) / 1e9
+    return out
+
+
 def main() -> None:
+    args = sys.argv[1:]
+    names = list(PRESETS)
+    if "--presets" in args:
+        i = args.index("--presets")
+        names, args = args[i + 1:], args[:i]
+    path = Path(args[0] if args else "bench/results/codec_speed.json")
     k, v, identity = real_kv()
     copy = timed(lambda: (k.copy(), v.copy()), 5)
     rows = []
-    for name in PRESETS:
+    for name in names:
         rows.append(measure(name, k, v, identity))
         print(json.dumps(rows[-1]), flush=True)
     out = {"memcpy_GBps": (k.nbytes + v.nbytes) / copy / 1e9, "shape": list(k.shape), "rows": rows}
-    Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/codec_speed.json").write_text(json.dumps(out, indent=2))
+    if names != list(PRESETS) and path.exists():  # merge: keep the other presets' rows
+        previous = json.loads(path.read_text())
+        kept = [r for r in previous["rows"] if r["codec"] not in names]
+        out = {**previous, **out, "rows": kept + rows}
+    if "frontier3.2" in names:
+        out["frontier_parallel"] = frontier_parallel(k, identity)
+        print(json.dumps(out["frontier_parallel"]), flush=True)
+    path.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ CONFIGS = [
     ("cachecard.turbo", {"bits": 3, "seed": 1}),
     ("cachecard.mixed", {"base_bits": 2, "salient_bits": 4, "salient": 0.25, "sinks": 4, "recent": 32, "seed": 1}),
     ("cachecard.frontier", {"step": 0.6, "center": True, "sinks": 4, "recent": 32, "salient": 0.0, "seed": 1}),
+    ("cachecard.rotq", {"bits": 3, "center": True, "sinks": 4, "recent": 32, "seed": 1}),
+    ("cachecard.rotq", {"bits": 2, "center": False, "sinks": 4, "recent": 32, "seed": 1}),
 ]
 
 

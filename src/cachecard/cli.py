@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cachecard.calibrate import register as _register_calibrate
 from cachecard.errors import CacheCardError
 from cachecard.card import layout
 from cachecard.card.reader import open_card
@@ -351,6 +352,9 @@ def presets(as_json: Annotated[bool, typer.Option("--json", help="print JSON ins
     for r in rows:
         table.add_row(r["preset"], "yes" if r["lossy"] else "no", r["summary"])
     out.print(table)
+
+
+_register_calibrate(app)  # `cachecard calibrate` (src/cachecard/calibrate.py)
 
 
 def main() -> None:

@@ -97,3 +97,8 @@ class CardInUseError(StoreError):
 class UnsupportedStateError(CacheCardError, ValueError):
     """Bytes handed in as a runtime's KV state (a llama.cpp sequence state or slot file) are truncated,
     malformed, or in a layout this version of cachecard does not know."""
+
+
+class ProfileError(CacheCardError, ValueError):
+    """A model's sensitivity profile (``cachecard calibrate``) cannot be read, or calibration cannot run
+    (a model path, a calibration text or a setting that does not work)."""

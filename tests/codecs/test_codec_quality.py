@@ -74,3 +74,15 @@ def test_kivi_channel_groups_follow_outlier_channels():
         return np.sum((out - x)[..., keep] ** 2) / np.sum(x[..., keep] ** 2)
 
     assert normal_channel_error("channel") < normal_channel_error("token") / 10
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_rotq_distortion_is_the_planners_figure(bits):
+    """The relative MSE the rate planner assumes per bit width (allocation.DISTORTION) is what the codec gives
+    on Gaussian vectors; the rate is bits + 8/D (one log-coded scale per vector) plus the 24-byte header."""
+    from cachecard.codecs.allocation import DISTORTION
+    from cachecard.codecs.rotq import RotqCodec
+
+    mse, rate = rel_mse(RotqCodec(bits=bits, center=False, sinks=0, recent=0, seed=1))
+    assert mse == pytest.approx(DISTORTION[bits], rel=0.1)
+    assert rate == pytest.approx(bits + 8 / 64 + 8 * 24 / X.size)

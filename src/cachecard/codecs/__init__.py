@@ -16,6 +16,7 @@ from cachecard.codecs.presets import PRESETS, Pipeline, Preset, pipeline, preset
 from cachecard.codecs.q4_0 import Q4_0Codec
 from cachecard.codecs.q4_1 import Q4_1Codec
 from cachecard.codecs.q8_0 import Q8_0Codec
+from cachecard.codecs.rotq import RotqCodec
 from cachecard.codecs.turbo import TurboCodec
 
 CODECS: dict[str, type[KVCodec]] = {}
@@ -29,6 +30,6 @@ def _register(*classes: type[KVCodec]) -> None:
 
 # compatibility codecs (bit-exact with a runtime), then ours
 _register(Q8_0Codec, Q4_0Codec, Q4_1Codec, MLXAffineCodec, NF4Codec)
-_register(KiviCodec, TurboCodec, MixedCodec, FrontierCodec)
+_register(KiviCodec, TurboCodec, MixedCodec, FrontierCodec, RotqCodec)
 
 __all__ = ["CODECS", "ChunkContext", "CodecConfig", "KVCodec", "PRESETS", "Pipeline", "Preset", "pipeline", "preset"]

@@ -5,6 +5,8 @@
   When the model has a sensitivity profile (``cachecard.codecs.profiles``), layers get steps in proportion to
   sensitivity^-1/2 around that step: the rate is then chosen per layer as well as per K/V.
 - ``mixed_at(bits)``: the salient fraction of ``cachecard.mixed`` that meets ``bits`` exactly in expectation.
+- ``rotq_at(bits)``: per-layer, per-K/V rates of ``cachecard.rotq`` that store the card in at most ``bits``
+  per element, every byte counted (``cachecard.codecs.allocation``).
 """
 
 from __future__ import annotations
@@ -102,5 +104,20 @@ def mixed_at(bits: float, *, base_bits: int = 2, salient_bits: int = 4, sinks: i
                           seed=SEED)
         frac = plan_fraction(bits, d, t, min(t, sinks + recent), cfg)
         return Pipeline(MixedCodec(cfg.model_copy(update={"salient": round(frac, 4)})))
+
+    return plan
+
+
+def rotq_at(bits: float, *, which: str, sinks: int = 4, recent: int = 32) -> Planner:
+    """K (``which="k"``, centered) or V rates of the joint K+V plan: both planners compute the same plan from
+    the array's shape (K and V have one shape) and the model's profile."""
+    from cachecard.codecs import allocation
+    from cachecard.codecs.rotq import RotqCodec
+
+    def plan(array: np.ndarray, model: ModelIdentity) -> Pipeline:
+        p = allocation.plan(tuple(array.shape), bits, model, sinks=sinks, recent=recent)
+        layer_bits = list(p.k if which == "k" else p.v)
+        return Pipeline(RotqCodec(bits=int(round(np.mean(layer_bits))), layer_bits=layer_bits, center=which == "k",
+                                  sinks=sinks, recent=recent, seed=SEED))
 
     return plan

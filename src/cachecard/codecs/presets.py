@@ -110,6 +110,10 @@ for _name, _kb, _vb in (("frontier3.2", 3.8, 2.6), ("frontier2.8", 3.4, 2.2), ("
                         ("frontier2.2", 2.8, 1.6)):
     register(Preset(_name, f"frontier codec planned to ~{_kb} bits/element for K (centered), ~{_vb} for V",
                     _planned("frontier", _kb, center=True), _planned("frontier", _vb, center=False)))
+for _bits in (3.0, 2.5):
+    register(Preset(f"gpu{_bits:g}", f"GPU-decodable: rotation + fixed-rate integer levels, centered keys, sinks and last "
+                    f"32 tokens 8-bit, per-layer K/V rates planned to {_bits:g} bits/element (all bytes counted)",
+                    _planned("rotq", _bits, which="k"), _planned("rotq", _bits, which="v")))
 register(Preset("mixed3", "token-level mixed precision at 3 bits/element: sinks and last 32 tokens 8-bit, "
                 "salient tokens 4-bit, the rest 2-bit", _planned("mixed", 3.0), _planned("mixed", 3.0)))
 

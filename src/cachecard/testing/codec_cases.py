@@ -28,6 +28,11 @@ CONFIGS: dict[str, list[dict]] = {
                              {"bits": 5, "group_size": 128}, {"bits": 6, "group_size": 64}],
     "cachecard.nf4": [{"block_size": 32}, {"block_size": 64}, {"block_size": 128}],
     "cachecard.turbo": [{"bits": 2, "seed": 1}, {"bits": 3, "seed": 0}, {"bits": 4, "seed": 2**62}],
+    "cachecard.rotq": [
+        {"bits": 3, "center": True, "sinks": 4, "recent": 8, "seed": 1},
+        {"bits": 1, "center": False, "sinks": 0, "recent": 0, "seed": 2},
+        {"bits": 2, "layer_bits": [2, 4, 3, 1] * 11, "center": True, "sinks": 1, "recent": 3, "seed": 2**62},
+    ],
 }
 
 # codec id -> configurations that must be refused with UnsupportedCodecError
@@ -50,6 +55,12 @@ INVALID: dict[str, list[dict]] = {
     "cachecard.nf4": [{}, {"block_size": 16}, {"block_size": 4096}, {"block_size": "64"},
                       {"block_size": 64.0}],
     "cachecard.turbo": [{"bits": 5, "seed": 1}, {"bits": 3}, {"bits": 3, "seed": -1}, {"bits": "3", "seed": 1}],
+    "cachecard.rotq": [{"bits": 0, "center": True, "sinks": 4, "recent": 8, "seed": 1},
+                       {"bits": 3, "center": True, "sinks": 4, "recent": 8},
+                       {"bits": 3, "layer_bits": [2, 5], "center": True, "sinks": 4, "recent": 8, "seed": 1},
+                       {"bits": 3, "layer_bits": [], "center": True, "sinks": 4, "recent": 8, "seed": 1},
+                       {"bits": 3.0, "center": True, "sinks": 4, "recent": 8, "seed": 1},
+                       {"bits": 3, "center": "yes", "sinks": 4, "recent": 8, "seed": 1}],
 }
 
 # golden vectors: (case name, codec id, configuration, storage dtype, chunk shape (1, H, c, D), seed, context)
@@ -79,4 +90,11 @@ VECTORS: list[tuple[str, str, dict, str, tuple[int, int, int, int], int, dict | 
     ("nf4-b64-float16", "cachecard.nf4", {"block_size": 64}, "float16", (1, 2, 3, 128), 9, None),
     ("turbo3-float16", "cachecard.turbo", {"bits": 3, "seed": 7}, "float16", (1, 2, 6, 64), 2, None),
     ("turbo2-bfloat16", "cachecard.turbo", {"bits": 2, "seed": 8}, "bfloat16", (1, 1, 3, 16), 3, None),
+    ("rotq-k-float16", "cachecard.rotq", {"bits": 3, "center": True, "sinks": 2, "recent": 3, "seed": 9}, "float16",
+     (1, 2, 20, 16), 6, {"layer": 0, "which": "k", "token_start": 0, "position_start": 0}),
+    ("rotq-v-bfloat16", "cachecard.rotq", {"bits": 2, "center": False, "sinks": 0, "recent": 0, "seed": 9},
+     "bfloat16", (1, 1, 7, 8), 7, None),
+    ("rotq-k-d128-float16", "cachecard.rotq", {"bits": 1, "layer_bits": [2, 4], "center": True, "sinks": 1,
+                                               "recent": 2, "seed": 3}, "float16", (1, 2, 6, 128), 8,
+     {"layer": 1, "which": "k", "token_start": 0, "position_start": 0}),
 ]
