@@ -41,9 +41,9 @@ from cachecard.card.layout import DEFAULT_CHUNK_TOKENS
 
 RESULTS = Path(__file__).parent / "results"
 CPU_CONTEXTS = (1024, 2048, 4096, 8000)   # SmolLM2 has 8192 positions: 8000 + 1 new token fit
-CPU_CODECS = ("lossless", "q8", "q4")
+CPU_CODECS = ("lossless", "q8", "q4", "gpu3")
 GPU_CONTEXTS = (1024, 4096, 8192, 16384, 32768)
-GPU_CODECS = ("lossless", "q8", "q4_0")
+GPU_CODECS = ("lossless", "q8", "q4_0", "gpu3")
 STATIC_CONTEXTS = (8192, 32768)          # contexts whose static-cache restore is measured (one compile each)
 
 
@@ -165,8 +165,14 @@ def run(model, ids: torch.Tensor, contexts, codecs, store_dir: Path, repeats: in
                     _drop_page_cache(store_dir)
                     holder["store"] = Store(store_dir)
 
-                got = timed(lambda: restore_token(model, holder["store"], prompt, agent, use), repeats,
-                            before=drop if mode == "cold" else None)
+                try:
+                    got = timed(lambda: restore_token(model, holder["store"], prompt, agent, use), repeats,
+                                before=drop if mode == "cold" else None)
+                except Exception as e:  # noqa: BLE001 - one failing path must not cost the rest of a long run
+                    rows.append({"context": n, "codec": codec, "cache": mode, "restore_cache": kind,
+                                 "error": f"{type(e).__name__}: {e}"})
+                    print(f"  {n:6d} {codec:10s} {mode} {kind}: FAILED {type(e).__name__}: {e}", flush=True)
+                    continue
                 same = restore_token(model, holder["store"], prompt, agent, use) == expect
                 lim = [raw_read(holder["store"], agent, n, cuda) for _ in range(3)] if mode == "warm" else []
                 if mode == "cold":
@@ -234,7 +240,7 @@ def cpu(repeats: int, contexts=CPU_CONTEXTS, codecs=CPU_CODECS) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=RESULTS.parent) as tmp:
         rows = run(model, ids, contexts, codecs, Path(tmp) / "store", repeats, "cpu")
         store = Store(Path(tmp) / "store")
-        for r in rows:  # restore time above the bare first step, as a share of that step
+        for r in (r for r in rows if "error" not in r):  # restore above the bare first step, as a share of it
             r["step_s"] = bare_step(model, store, ids[:, :r["context"] + 1], _agent(r["codec"], r["context"]),
                                     repeats)
             r["overhead_vs_step"] = (r["restore_s"] - r["step_s"]) / r["step_s"]
@@ -294,7 +300,7 @@ def plot(results: dict) -> None:
     parts = [p for p in ("cpu", "gpu") if results.get(p)]
     fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.5), squeeze=False)
     for ax, part in zip(axes[0], parts):
-        rows = results[part]
+        rows = [r for r in results[part] if "error" not in r]
         ctx = sorted({r["context"] for r in rows})
         pre = [next(r["prefill_s"] for r in rows if r["context"] == c) for c in ctx]
         ax.plot(ctx, [p * 1e3 for p in pre], "k-o", label="prefill")

@@ -20,7 +20,7 @@ from cachecard.testing import make_identity, make_kv  # noqa: E402
 TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@pytest.mark.parametrize("preset", ["lossless", "q8", "q4_0", "q4_1"])
+@pytest.mark.parametrize("preset", ["lossless", "q8", "q4_0", "q4_1", "gpu3", "gpu2.5"])
 @pytest.mark.parametrize("card_dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("out_dtype", ["bfloat16", "float16", "float32"])
 def test_kernel_equals_torch_reference_and_host_reader(tmp_path, preset, card_dtype, out_dtype):
@@ -39,7 +39,8 @@ def test_kernel_equals_torch_reference_and_host_reader(tmp_path, preset, card_dt
             raw = torch.from_numpy(buf).cuda()
             a = torch.full((3, 4, 320, 128), float("nan"), dtype=TORCH[out_dtype], device="cuda")
             b = a.clone()
-            device_decode.decode_chunks(raw, table, lay.serializer, lay.storage, a, lay.chunk_shape, tokens)
+            device_decode.decode_chunks(raw, table, lay.serializer, lay.storage, a, lay.chunk_shape, tokens,
+                                        host=buf)
             device_decode.decode_chunks_torch(raw, table, lay.serializer, lay.storage, b, lay.chunk_shape, tokens)
             assert torch.equal(a[:, :, :tokens].view(torch.uint8), b[:, :, :tokens].view(torch.uint8))
             assert torch.isnan(a[:, :, tokens:].float()).all()  # nothing written past the tokens asked for
@@ -47,7 +48,7 @@ def test_kernel_equals_torch_reference_and_host_reader(tmp_path, preset, card_dt
             assert torch.equal(a[:, :, :tokens].view(torch.uint8), want.view(torch.uint8))
 
 
-@pytest.mark.parametrize("preset", ["lossless", "q8", "q4_0"])
+@pytest.mark.parametrize("preset", ["lossless", "q8", "q4_0", "gpu3"])
 def test_streamed_restore_equals_host_restore(tmp_path, preset):
     kv = make_kv(layers=4, heads=2, tokens=1000, head_dim=64, dtype="bfloat16")
     cachecard.write_card(tmp_path / "c", kv, np.arange(1000), make_identity(4, 2, 64, "bfloat16"), codec=preset)
