@@ -65,7 +65,7 @@ def parse_headers(host: np.ndarray, table: ChunkTable, chunk_shape: tuple[int, .
 
 
 def tables(seed: int, D: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(levels by bits, signs, Hadamard matrix, F, 2^(k-15)) on the device."""
+    """(levels by bits, signs, Hadamard matrix, F[j] and 2^k of each of the 256 scale codes) on the device."""
     from cachecard.codecs import _hadamard as hadamard
     from cachecard.codecs import rotq
 
@@ -75,8 +75,8 @@ def tables(seed: int, D: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     sig = hadamard.signs(seed, D).astype(np.int32)
     return (torch.from_numpy(lv.reshape(-1)).to(device), torch.from_numpy(sig).to(device),
             torch.from_numpy(rotq.sylvester(D).astype(np.float32)).to(device=device, dtype=torch.bfloat16),
-            torch.from_numpy(np.asarray(rotq.FRAC, np.float32)).to(device),
-            torch.from_numpy(np.asarray(rotq.POW2, np.float32)).to(device))
+            torch.from_numpy(np.asarray(rotq.FRAC[rotq._J], np.float32)).to(device),  # noqa: SLF001 - the spec's
+            torch.from_numpy(np.asarray(rotq._POW2, np.float32)).to(device))  # noqa: SLF001 - j and 2^k per code
 
 
 if triton is not None:
@@ -124,10 +124,7 @@ if triton is not None:
         w = (q * tl.load(signs + i)[None, :]).to(tl.bfloat16)          # |w| <= 127: exact in bfloat16
         h = tl.dot(w, tl.load(hmat + i[:, None] * D + i[None, :]), out_dtype=tl.float32)  # exact integers
         sc = tl.load(raw8 + s_off + g * T + t, mask=live, other=0).to(tl.int32)
-        e = sc - 255
-        jj = ((e % 16) + 16) % 16
-        k = tl.minimum(tl.maximum((e - jj) // 16 + 15, 0), 15)
-        sigma = (ref * tl.load(frac + jj)) * tl.load(pow2 + k)
+        sigma = (ref * tl.load(frac + sc)) * tl.load(pow2 + sc)   # fl(ref * F[j]) * 2^k, exact second product
         sigma = tl.where(sc == 0, 0.0, sigma)
         y = h * sigma[:, None]
         mean = tl.load(raw16 + (mean_off // 2 + g * D)[:, None] + i[None, :], mask=m2 & (centered != 0),
