@@ -17,6 +17,12 @@ from cachecard.adapters.torch_read import read_kv  # noqa: E402
 from cachecard.card import stream  # noqa: E402
 from cachecard.testing import make_identity, make_kv  # noqa: E402
 
+@pytest.fixture(autouse=True)
+def rotq_kernel(monkeypatch):
+    """These tests are what clears the fused rotq kernel for default use (device_decode.ROTQ_KERNEL)."""
+    monkeypatch.setattr(device_decode, "ROTQ_KERNEL", True)
+
+
 TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -16,6 +16,8 @@ is compiled without FMA contraction so it keeps that order.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -35,6 +37,10 @@ except ImportError:  # CPU-only installs: the torch path serves
 
 
 ROTQ = (6, 0, 0)  # cachecard.rotq: chunks of varying size, decoded by cachecard.adapters.device_rotq
+# The fused rotq kernel has not run on a GPU yet (its first run failed before launching, on a renamed table):
+# until tests/adapters/test_device_decode.py passes on one, rotq cards decode on the device through the codec's
+# own torch ops (bit-identical to numpy, tested) unless CACHECARD_ROTQ_KERNEL=1.
+ROTQ_KERNEL = os.environ.get("CACHECARD_ROTQ_KERNEL") == "1"
 
 
 def kind_of(serializer: object, storage: np.dtype) -> tuple[int, int, int] | None:
@@ -76,7 +82,7 @@ def decode_chunks(raw: torch.Tensor, table: ChunkTable, serializer: object, stor
     kind = kind_of(serializer, storage)
     if kind is None:
         raise ValueError(f"no device decoder for {serializer!r}")
-    if kind == ROTQ and raw.is_cuda and triton is not None and chunk_shape[3] >= 16:
+    if kind == ROTQ and raw.is_cuda and triton is not None and chunk_shape[3] >= 16 and ROTQ_KERNEL:
         from cachecard.adapters import device_rotq
 
         buf = host if host is not None else raw.cpu().numpy()
