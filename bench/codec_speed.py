@@ -7,7 +7,8 @@ The input is a real SmolLM2-135M KV cache (2048-token prefix of the pydoc corpus
 inner chunk (one layer, 256 tokens) is encoded and decoded through the codec objects, as the card writer and
 reader do, without zarr's per-chunk plumbing. BLAS and torch are held to one thread. Decode is reported twice:
 to float32 (what an fp32 model or a device upload takes) and to the card's float16. The baseline in the same
-run is a plain memory copy of the same bytes.
+run is a plain memory copy of the same bytes. ``cachecard.rotq`` rows also give the fp16 decode with torch hidden
+(``decode_fp16_numpy_only_GBps``: numpy's float32 BLAS product and float16 cast instead of torch's int8 product).
 
 ``frontier_parallel`` (with --presets frontier...): the frontier decode of every chunk serially, on 2 threads
 and on 2 processes. constriction (0.5) keeps the GIL while it decodes (its Python bindings never release it),
@@ -70,7 +71,7 @@ def chunks(x: np.ndarray):
 
 def measure(name: str, k: np.ndarray, v: np.ndarray, identity) -> dict:
     row: dict = {"codec": name}
-    enc = dec32 = dec16 = 0.0
+    enc = dec32 = dec16 = numpy16 = 0.0
     nbytes = 0
     for which, x in (("k", k), ("v", v)):
         codec = pipeline(name, which, x, identity).serializer
@@ -82,8 +83,16 @@ def measure(name: str, k: np.ndarray, v: np.ndarray, identity) -> dict:
         enc += timed(lambda: [codec.encode_chunk(c, ctx) for c, ctx in parts], 1)
         dec32 += timed(lambda: [codec.decode_array(d, c.shape) for d, (c, _) in zip(datas, parts)])
         dec16 += timed(lambda: [codec.decode_chunk(d, c.shape, c.dtype) for d, (c, _) in zip(datas, parts)])
+        if getattr(codec, "codec_id", None) == "cachecard.rotq":  # also without torch: numpy alone
+            torch, sys.modules["torch"] = sys.modules["torch"], None
+            try:
+                numpy16 += timed(lambda: [codec.decode_chunk(d, c.shape, c.dtype) for d, (c, _) in zip(datas, parts)])
+            finally:
+                sys.modules["torch"] = torch
         nbytes += x.nbytes
     row.update(encode_GBps=nbytes / enc / 1e9, decode_GBps=nbytes / dec32 / 1e9, decode_fp16_GBps=nbytes / dec16 / 1e9)
+    if numpy16:
+        row["decode_fp16_numpy_only_GBps"] = nbytes / numpy16 / 1e9
     return row
 
 

@@ -142,6 +142,7 @@ def main() -> None:
     if previous:
         added = {p["codec"] for p in points}
         points = [p for p in previous["points"] if p["codec"] not in added] + points
+        result["points"] = points
         result["windows"] = {**previous["windows"], **{f"{k} ({', '.join(sorted(added))})": v
                                                       for k, v in result["windows"].items()}}
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -46,7 +46,7 @@ def test_calibrate_saves_a_profile_the_planner_uses(model_folder, tmp_path, monk
     assert r.exit_code == 0, r.output
     monkeypatch.setenv("CACHECARD_PROFILES", str(out))
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    ident = hf.model_identity(model, transformers.AutoTokenizer.from_pretrained(folder))
+    ident = hf.model_identity(model, tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
     profile = profiles.lookup(ident.weights_hash)
     assert profile is not None and len(profile.k) == len(profile.v) == 2 and "1 user text" in profile.reference
     assert str(out) in r.output and ident.weights_hash in r.output

@@ -58,7 +58,7 @@ def calibrate_model(model_path: str, *, gguf_file: str | None = None, texts: lis
         raise ProfileError(f"cannot load a transformers model from {model_path!r}"
                            + (f" (GGUF file {gguf_file!r})" if gguf_file else "") + f": {e}. Give a local model "
                            "folder (config.json and weights, or --gguf-file with the file's name in it)") from None
-    identity = hf.model_identity(model, tok, gguf=Path(model_path) / gguf_file if gguf_file else None)
+    identity = hf.model_identity(model, tokenizer=tok, gguf=Path(model_path) / gguf_file if gguf_file else None)
     try:
         profile = hf.calibrate(model, tok, texts or default_texts(), windows=windows, prefix=prefix,
                                continuation=continuation, progress=progress)
