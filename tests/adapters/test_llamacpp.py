@@ -19,6 +19,7 @@ llamacpp = pytest.importorskip("cachecard.adapters.llamacpp", exc_type=ImportErr
 from cachecard.adapters.llamacpp import (  # noqa: E402
     CacheLayout, from_canonical, neox_to_norm, norm_to_neox, state_to_canonical, to_state,
 )
+from cachecard.adapters.llamacpp_card import stored_blocks  # noqa: E402
 from cachecard.kv import CanonicalKV  # noqa: E402
 from cachecard.manifest import LayerKind, ModelIdentity, Rope  # noqa: E402
 
@@ -248,7 +249,7 @@ def test_q8_card_blocks_go_in_unchanged(tmp_path, arch: str, dtype: str) -> None
     card = cachecard.open_card(tmp_path / "c")
     layout = CacheLayout("q8_0", "q8_0", False)
     order = llamacpp.k_order(ident)
-    blocks = llamacpp._stored_blocks(card, layout, order, 300)
+    blocks = stored_blocks(card, layout, order, 300)
     assert set(blocks) == ({"k", "v"} if order == "neox" else {"v"})  # NORM K must be re-blocked
     direct = from_canonical(card.read(), layout=layout, order=order, blocks=blocks)
     # the card's blocks are the blocks of the original KV: the same bytes as quantizing it for llama.cpp

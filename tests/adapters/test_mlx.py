@@ -15,6 +15,7 @@ pytest.importorskip("mlx_lm")
 
 import cachecard  # noqa: E402
 from cachecard.adapters import mlx as mlxa  # noqa: E402
+from cachecard.adapters import mlx_cache  # noqa: E402
 from cachecard.codecs.presets import PRESETS  # noqa: E402
 from cachecard.kv import NUMPY_DTYPES  # noqa: E402
 from mlx_lm import generate, stream_generate  # noqa: E402
@@ -33,7 +34,7 @@ def tiny_model(dtype: str = "float32", seed: int = 0):
                            num_attention_heads=2, num_key_value_heads=1, head_dim=HEAD_DIM, rms_norm_eps=1e-5,
                            vocab_size=VOCAB)
     model = llama.Model(args)
-    model.set_dtype(mlxa._MX_DTYPES[dtype])
+    model.set_dtype(mlx_cache.MX_DTYPES[dtype])
     mx.eval(model.parameters())
     return model
 
