@@ -3,9 +3,10 @@ slot files, and model identity from the GGUF (spec/cachecard-1.md §4 canonical 
 identity).
 
 The byte layout lives in :mod:`cachecard.adapters.ggsq`, the conversions to and from canonical KV in
-:mod:`cachecard.adapters.llamacpp_kv` (re-exported here), the copy of a block-coded card's stored blocks in
-:mod:`cachecard.adapters.llamacpp_card` and slot-file I/O in :mod:`cachecard.adapters.llamacpp_slots`; this
-module talks to the runtime.
+:mod:`cachecard.adapters.llamacpp_kv` (re-exported here), a card's state built once in one buffer (stored
+blocks copied, the rest decoded a few layers at a time) in :mod:`cachecard.adapters.llamacpp_card` and
+slot-file I/O in :mod:`cachecard.adapters.llamacpp_slots`; this module talks to the runtime. A restore hands
+llama.cpp the buffer it built, without another copy.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from cachecard.adapters._common import (
     usable_prefix,
 )
 from cachecard.adapters.ggsq import SeqState
-from cachecard.adapters.llamacpp_card import stored_blocks
+from cachecard.adapters.llamacpp_card import card_state
 from cachecard.adapters.llamacpp_kv import (
     NEOX, NORM_PERMUTED, PRESET_BLOCKS, CacheLayout, KOrder, from_canonical, k_order, neox_to_norm, norm_to_neox,
-    state_to_canonical, to_state,
+    state_buffer, state_to_canonical, to_state,
 )
-from cachecard.adapters.llamacpp_slots import read_slot_file, write_slot_file
+from cachecard.adapters.llamacpp_slots import read_slot_file, write_slot_body, write_slot_file
 from cachecard.card.locations import Location
 from cachecard.card.reader import Card
 from cachecard.errors import KVShapeError, UnsupportedStateError
@@ -96,12 +97,16 @@ def get_seq_state(llm: llama_cpp.Llama, seq_id: int = 0) -> bytes:
     return bytes(memoryview(buf)[:n])
 
 
-def set_seq_state(llm: llama_cpp.Llama, data: bytes, seq_id: int = 0) -> None:
-    """``llama_state_seq_set_data`` into one sequence; raises if llama.cpp refuses the bytes."""
-    buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-    n = llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(data), seq_id)  # noqa: SLF001
+def set_seq_state(llm: llama_cpp.Llama, data: bytes | bytearray | np.ndarray, seq_id: int = 0) -> None:
+    """``llama_state_seq_set_data`` into one sequence; raises if llama.cpp refuses the bytes. A writable buffer
+    (a uint8 array, a bytearray) is handed over as it is; ``bytes`` are copied once (ctypes needs writable
+    memory)."""
+    size = len(data) if not isinstance(data, np.ndarray) else data.nbytes
+    array = ctypes.c_uint8 * size
+    buf = array.from_buffer_copy(data) if isinstance(data, bytes) else array.from_buffer(data)
+    n = llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, size, seq_id)  # noqa: SLF001
     if n == 0:
-        raise UnsupportedStateError(f"llama.cpp refused the {len(data)}-byte sequence state ({RUNTIME}; its log "
+        raise UnsupportedStateError(f"llama.cpp refused the {size}-byte sequence state ({RUNTIME}; its log "
                                     "above says why: too few free cells in the context, or a type/V-transposition "
                                     "mismatch)")
 
@@ -185,12 +190,10 @@ def restore(card: Card | Location, llm: llama_cpp.Llama, *, input_ids: Any = Non
         n = min(n, usable_prefix(card, input_ids))
     if not 0 < n <= card.manifest.tokens.count:
         raise ValueError(f"tokens must be in [1, {card.manifest.tokens.count}] for this card; got {n}")
-    layout = cache_layout(llm)
-    order_ = order or k_order(identity_of(llm))
-    blocks = stored_blocks(card, layout, order_, n)
-    kv = card.read(tokens=n)
-    return _restore(kv, card.token_ids()[:n], card.positions()[:n], llm, seq_id=seq_id, layout=layout,
-                    order=order_, blocks=blocks)
+    ids, positions = card.token_ids()[:n], card.positions()[:n]
+    _check_fits(llm, n, positions, seq_id)
+    data = card_state(card, n, cache_layout(llm), order or k_order(identity_of(llm)), seq_id=seq_id)
+    return _inject(llm, data, ids, seq_id)
 
 
 def save(where: Store | Location, llm: llama_cpp.Llama, cache: Any = None, input_ids: Any = None, *,
@@ -235,23 +238,29 @@ def load(where: Store | Card | Location, llm: llama_cpp.Llama, input_ids: Any = 
 def restore_kv(kv: CanonicalKV, tokens: Sequence[int] | np.ndarray, llm: llama_cpp.Llama, *, seq_id: int = 0,
                order: KOrder | None = None) -> int:
     """Restore canonical KV of ``tokens`` (positions 0..n-1) into the Llama; the caller checked identity."""
-    n = len(tokens)
-    return _restore(kv, token_ids(tokens).astype(np.int32), np.arange(n, dtype=np.int32), llm, seq_id=seq_id,
-                    layout=cache_layout(llm), order=order or k_order(identity_of(llm)), blocks=None)
+    ids = token_ids(tokens).astype(np.int32)
+    positions = np.arange(kv.num_tokens, dtype=np.int32)
+    _check_fits(llm, len(ids), positions, seq_id)
+    if len(ids) != kv.num_tokens:
+        raise KVShapeError(f"{len(ids)} token ids for {kv.num_tokens} tokens of KV")
+    data, _ = state_buffer(kv, positions=positions, seq_id=seq_id, layout=cache_layout(llm),
+                           order=order or k_order(identity_of(llm)))
+    return _inject(llm, data, ids, seq_id)
 
 
-def _restore(kv: CanonicalKV, tokens: np.ndarray, positions: np.ndarray, llm: llama_cpp.Llama, *, seq_id: int,
-             layout: CacheLayout, order: KOrder, blocks: dict[str, np.ndarray] | None) -> int:
-    n = kv.num_tokens
-    if len(tokens) != n:
-        raise KVShapeError(f"{len(tokens)} token ids for {n} tokens of KV")
+def _check_fits(llm: llama_cpp.Llama, n: int, positions: np.ndarray, seq_id: int) -> None:
+    """Refuse, before any state is built, what the Llama cannot hold."""
     if n > llm.n_ctx():
         raise KVShapeError(f"{n} tokens do not fit the Llama's context of {llm.n_ctx()}; create it with "
                            f"n_ctx >= {n}")
     if seq_id == 0 and not np.array_equal(positions, np.arange(n)):
         raise KVShapeError("a Llama's token bookkeeping needs positions 0..n-1; this card starts at "
                            f"{positions[0] if n else 0} or skips positions")
-    data = from_canonical(kv, positions=positions, seq_id=seq_id, layout=layout, order=order, blocks=blocks)
+
+
+def _inject(llm: llama_cpp.Llama, data: np.ndarray, tokens: np.ndarray, seq_id: int) -> int:
+    """Hand the state to llama.cpp (no copy) and, for sequence 0, update the Llama's token bookkeeping."""
+    n = len(tokens)
     if seq_id == 0:
         llm.reset()
     set_seq_state(llm, data, seq_id)
@@ -270,9 +279,8 @@ def card_to_slot_file(card: Card | Location, path: str | os.PathLike[str], llm: 
     identity = identity or identity_of(llm)
     check_card_identity(card, identity, allow=allow, module="llamacpp")
     check_restorable(card, runtime="llamacpp")
-    state = to_state(card.read(), positions=card.positions(), seq_id=None, layout=cache_layout(llm),
-                     order=k_order(identity))
-    write_slot_file(path, state, card.token_ids())
+    body = card_state(card, card.manifest.tokens.count, cache_layout(llm), k_order(identity), seq_id=None)
+    write_slot_body(path, body, card.token_ids())
 
 
 def slot_file_to_kv(path: str | os.PathLike[str], llm_or_identity: llama_cpp.Llama | ModelIdentity

@@ -24,8 +24,16 @@ def read_slot_file(path: str | os.PathLike[str], *, cell_ext_size: int = 0) -> t
 def write_slot_file(path: str | os.PathLike[str], state: SeqState, tokens: Sequence[int] | np.ndarray, *,
                     version: int = ggsq.SLOT_VERSION) -> None:
     """Write a slot file that ``llama_state_seq_load_file`` (or the server's ``action=restore``) reads."""
-    data = ggsq.slot_file_bytes(state, np.asarray(tokens), version=version)
+    write_slot_body(path, SeqState(state.streams, None, state.cell_ext_size).to_buffer(), tokens, version=version)
+
+
+def write_slot_body(path: str | os.PathLike[str], body: np.ndarray | bytes, tokens: Sequence[int] | np.ndarray, *,
+                    version: int = ggsq.SLOT_VERSION) -> None:
+    """Write a slot file of ``tokens`` and ``body``, state bytes without the ``io_magic`` header (a
+    :class:`SeqState` with ``seq_id=None``, as :func:`ggsq.allocate` lays it out), written as they are."""
+    header = ggsq.slot_header(np.asarray(tokens), version=version)
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(data)
+        f.write(header)
+        f.write(body)
     os.replace(tmp, path)
