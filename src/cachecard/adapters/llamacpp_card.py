@@ -8,8 +8,9 @@ The state is laid out first (:func:`ggsq.allocate`); then each layer's K and V g
   architectures) by copying its stored blocks (``Card.read_encoded``), never decoding them. K of NORM
   architectures must be re-blocked, because a block of 32 llama.cpp channels is not a block of 32 canonical
   channels;
-* what is not copied is decoded and cast, permuted and relaid in one strided copy per layer. When only K is
-  left, it is decoded chunk by chunk from its stored payloads, so V is not decoded for nothing.
+* what is not copied is decoded a few layers at a time (:func:`cachecard.adapters._common.decoded_layers`) and
+  cast, permuted and relaid into place while in cache. When only K is left, it is decoded chunk by chunk from
+  its stored payloads, so V is not decoded for nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from cachecard.adapters import ggsq
+from cachecard.adapters._common import decoded_layers
 from cachecard.adapters.ggsq import GGML_TYPES, TYPE_IDS, StreamState
 from cachecard.adapters.llamacpp_kv import BLOCK_CODECS, CacheLayout, KOrder, put_k, put_v, skeleton
 from cachecard.card.layout import STORAGE_DTYPES
@@ -36,31 +38,12 @@ def card_state(card: Card, tokens: int, layout: CacheLayout, order: KOrder, *, s
     left = [which for which in ("k", "v") if not _copy_blocks(card, which, st, layout, order, tokens)]
     if left == ["k"] and _decode_k_by_chunk(card, st, layout, order, tokens):
         return buf
-    if left:
-        _decode_by_layers(card, st, layout, order, tokens, left)
+    for layer, k, v in decoded_layers(card, tokens) if left else ():
+        if "k" in left:
+            put_k(st.k[layer].data, k, layout.k_type, order)
+        if "v" in left:
+            put_v(st.v[layer].data, v, layout.v_type, layout.v_trans)
     return buf
-
-
-_GROUP_BYTES = 8 << 20  # K (or V) bytes decoded per Card.read: a group is relaid while it is still in cache
-
-
-def _decode_by_layers(card: Card, st: StreamState, layout: CacheLayout, order: KOrder, tokens: int,
-                      left: list[str]) -> None:
-    """Decode the card a few layers at a time into two reused arrays (``Card.read(out=...)``) and put each
-    group's ``left`` arrays in place. Decoding the whole card at once costs twice as much at 4K on a 2-core
-    CPU: fresh arrays fault every page in, and their data has left the cache by the time it is copied."""
-    m = card.manifest.model
-    dtype = NUMPY_DTYPES[m.kv_dtype]
-    group = max(1, min(m.num_layers, _GROUP_BYTES // (m.num_kv_heads * tokens * m.head_dim * dtype.itemsize)))
-    k, v = (np.empty((group, m.num_kv_heads, tokens, m.head_dim), dtype) for _ in "kv")
-    for start in range(0, m.num_layers, group):
-        stop = min(m.num_layers, start + group)
-        kv = card.read(layers=range(start, stop), tokens=tokens, out=(k[:stop - start], v[:stop - start]))
-        for j, layer in enumerate(range(start, stop)):
-            if "k" in left:
-                put_k(st.k[layer].data, kv.k[j], layout.k_type, order)
-            if "v" in left:
-                put_v(st.v[layer].data, kv.v[j], layout.v_type, layout.v_trans)
 
 
 def _copy_blocks(card: Card, which: str, st: StreamState, layout: CacheLayout, order: KOrder, tokens: int) -> bool:

@@ -5,14 +5,16 @@ mlx-lm's llama-family models cache K after RoPE in rotate-half order (``nn.RoPE(
 the canonical layout, so no permutation is needed. ``KVCache`` keeps a buffer grown in steps of 256 tokens:
 only the first ``offset`` are KV.
 
-A card whose K and V are ``cachecard.mlx_affine`` with the group size and bits asked for goes into
+A restored layer's buffer has room for the next token (mlx-lm's own grows by copying the whole buffer), and
+is filled from the card a few layers at a time with one copy into mlx. A card whose K and V are
+``cachecard.mlx_affine`` with the group size and bits asked for goes into
 ``QuantizedKVCache`` directly: the stored ``(packed, scales, biases)`` are handed over as they are
 (``Card.read_encoded``), bit-identical to what ``mx.quantize`` made, with no dequantize/requantize.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -26,7 +28,7 @@ try:
 except ImportError as e:
     raise missing_extra("mlx", e) from e
 
-from cachecard.adapters._common import check_restorable, open_if_location
+from cachecard.adapters._common import check_restorable, decoded_layers, open_if_location
 from cachecard.card.locations import Location
 from cachecard.card.reader import Card
 from cachecard.codecs.mlx_affine import MLXAffineCodec
@@ -95,28 +97,54 @@ def _quant_spec(quantized: tuple[int, int] | None) -> tuple[int, int] | None:
     return group_size, bits
 
 
-def from_canonical(kv: CanonicalKV, *, quantized: tuple[int, int] | None = None,
-                   dtype: str | None = None) -> PromptCache:
-    """An mlx-lm prompt cache (batch size 1) holding ``kv``: a ``KVCache`` per layer, or with
-    ``quantized=(group_size, bits)`` a ``QuantizedKVCache`` made by ``mx.quantize`` (as
-    ``KVCache.to_quantized`` does). ``dtype`` converts the KV first (default: keep the card's type)."""
-    spec = _quant_spec(quantized)
-    target = MX_DTYPES[dtype or kv.dtype]
-    caches: PromptCache = []
+def _capacity(tokens: int) -> int:
+    """Tokens of buffer a restored layer gets: mlx-lm's steps of 256, with room for at least the next token,
+    so the first generate step writes in place (mlx-lm grows a full buffer by copying all of it: ~0.1 s at 4K
+    tokens of SmolLM2 on a 2-core CPU)."""
+    return (tokens // KVCache.step + 1) * KVCache.step
+
+
+def _padded(kv: CanonicalKV, capacity: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(layer, k, v)`` of ``kv``, each ``(heads, capacity, dim)`` with zero rows past its tokens, in two
+    reused arrays (as :func:`cachecard.adapters._common.decoded_layers` gives a card's)."""
+    shape = (kv.num_kv_heads, capacity, kv.head_dim)
+    k, v = np.zeros(shape, kv.k.dtype), np.zeros(shape, kv.v.dtype)
     for i in range(kv.num_layers):
-        k, v = (to_mlx(a[i][None]).astype(target) for a in (kv.k, kv.v))
+        k[:, :kv.num_tokens], v[:, :kv.num_tokens] = kv.k[i], kv.v[i]
+        yield i, k, v
+
+
+def _caches(layers: Iterable[tuple[int, np.ndarray, np.ndarray]], tokens: int, spec: tuple[int, int] | None,
+            target: mx.Dtype) -> PromptCache:
+    """A ``KVCache`` (or with ``spec`` a ``QuantizedKVCache`` made by ``mx.quantize``) per ``(layer, k, v)``,
+    holding ``tokens`` tokens in the arrays' whole capacity. ``mx.array`` copies each array at once, so the
+    arrays may be reused for the next layer; that copy is the only one (``astype`` to the same type is free)."""
+    caches: PromptCache = []
+    for _, k_np, v_np in layers:
+        k, v = (to_mlx(a[None]).astype(target) for a in (k_np, v_np))
         if spec is None:
             c = KVCache()
-            c.keys, c.values, c.offset = k, v, kv.num_tokens
+            c.keys, c.values = k, v
         else:
             group_size, bits = spec
             c = QuantizedKVCache(group_size=group_size, bits=bits)
             c.keys = tuple(mx.quantize(k, group_size=group_size, bits=bits))
             c.values = tuple(mx.quantize(v, group_size=group_size, bits=bits))
-            c.offset = kv.num_tokens
+        c.offset = tokens
         caches.append(c)
-    mx.eval([c.state[:2] for c in caches])
+    mx.eval([(c.keys, c.values) for c in caches])
     return caches
+
+
+def from_canonical(kv: CanonicalKV, *, quantized: tuple[int, int] | None = None,
+                   dtype: str | None = None) -> PromptCache:
+    """An mlx-lm prompt cache (batch size 1) holding ``kv``: a ``KVCache`` per layer, or with
+    ``quantized=(group_size, bits)`` a ``QuantizedKVCache`` made by ``mx.quantize`` (as
+    ``KVCache.to_quantized`` does). ``dtype`` converts the KV first (default: keep the card's type). As after
+    mlx-lm's own prefill, each layer's buffer is a multiple of 256 tokens (here with room for the next
+    token); only the first ``offset`` are KV."""
+    return _caches(_padded(kv, _capacity(kv.num_tokens)), kv.num_tokens, _quant_spec(quantized),
+                   MX_DTYPES[dtype or kv.dtype])
 
 
 def _direct_codec(card: Card, spec: tuple[int, int]) -> bool:
@@ -132,29 +160,30 @@ def _direct_codec(card: Card, spec: tuple[int, int]) -> bool:
 
 
 def _direct_quantized(card: Card, spec: tuple[int, int], tokens: int, dtype: str) -> PromptCache:
-    """QuantizedKVCache layers straight from the stored mlx_affine payloads (no dequantize)."""
+    """QuantizedKVCache layers straight from the stored mlx_affine payloads (no dequantize), each chunk's
+    ``(packed, scales, biases)`` copied into its place in arrays with room for the next token."""
     group_size, bits = spec
-    layers = card.manifest.model.num_layers
-    parts: dict[str, list[list[tuple[np.ndarray, ...]]]] = {}
+    layers, cap = card.manifest.model.num_layers, _capacity(tokens)
+    parts: dict[str, list[np.ndarray]] = {}
     for which in ("k", "v"):
         enc = card.read_encoded(which, tokens=tokens)
-        per_layer: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(layers)]
         for ch in enc.chunks:
-            packed, scales, biases = enc.codec.split(ch.payload, enc.chunk_shape)
+            split = enc.codec.split(ch.payload, enc.chunk_shape)  # each (1, heads, chunk tokens, columns)
+            if which not in parts:
+                parts[which] = [np.zeros((layers, x.shape[1], cap, x.shape[3]), x.dtype) for x in split]
             keep = min(ch.tokens, tokens - ch.token_start)  # drop the writer's padding and unasked tokens
-            per_layer[ch.layer].append(tuple(x[:, :, :keep] for x in (packed, scales, biases)))
-        parts[which] = per_layer
+            for whole, x in zip(parts[which], split):
+                whole[ch.layer, :, ch.token_start:ch.token_start + keep] = x[0, :, :keep]
     target = MX_DTYPES[dtype]
     caches: PromptCache = []
     for layer in range(layers):
-        k, v = (tuple(to_mlx(np.concatenate([p[i] for p in parts[w][layer]], axis=2)) for i in range(3))
-                for w in ("k", "v"))
+        k, v = (tuple(to_mlx(p[layer][None]) for p in parts[w]) for w in ("k", "v"))
         # scales/biases are in the card's type; a model computing in another type gets them converted
-        k, v = ((t[0], t[1].astype(target), t[2].astype(target)) for t in (k, v))
         c = QuantizedKVCache(group_size=group_size, bits=bits)
-        c.keys, c.values, c.offset = k, v, tokens
+        c.keys, c.values = ((t[0], t[1].astype(target), t[2].astype(target)) for t in (k, v))
+        c.offset = tokens
         caches.append(c)
-    mx.eval([c.state[:2] for c in caches])
+    mx.eval([(c.keys, c.values) for c in caches])
     return caches
 
 
@@ -184,4 +213,4 @@ def cache_from_card(card: Card | Location, *, quantized: tuple[int, int] | None 
     dtype = dtype or card.manifest.model.kv_dtype
     if spec is not None and _direct_codec(card, spec):
         return _direct_quantized(card, spec, n, dtype)
-    return from_canonical(card.read(tokens=n), quantized=spec, dtype=dtype)
+    return _caches(decoded_layers(card, n, capacity=_capacity(n)), n, spec, MX_DTYPES[dtype])
