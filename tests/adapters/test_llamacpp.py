@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cachecard.adapters import ggsq
-from cachecard.adapters.ggsq import GGML_TYPES, TYPE_IDS, LayerRows, SeqState, StreamState
+from cachecard.adapters.ggsq import TYPE_IDS, SeqState
 from cachecard.errors import UnsupportedStateError
+from cachecard.testing.strategies import seq_states
 
 llamacpp = pytest.importorskip("cachecard.adapters.llamacpp", exc_type=ImportError)
 
@@ -167,44 +168,6 @@ def test_corrupted_bytes_parse_or_raise_unsupported_state(where: int, junk: byte
     assert state.to_bytes() == bytes(data)
 
 
-@st.composite
-def seq_states(draw: st.DrawFn) -> SeqState:
-    """Arbitrary well-formed states: streams, cells, seq ids, cell ext, types, row sizes, V transposition."""
-    ext = draw(st.sampled_from([0, 8, 12]))
-    n_stream = draw(st.integers(1, 3))
-    streams: list[StreamState | None] = []
-    for _ in range(n_stream):
-        cells = draw(st.integers(0, 4))
-        if cells == 0:
-            streams.append(None)
-            continue
-        v_trans = draw(st.booleans())
-        n_layer = draw(st.integers(1, 3))
-        k_type = draw(st.sampled_from(sorted(GGML_TYPES)))
-        plain = [i for i, t in GGML_TYPES.items() if t.block == 1]
-        v_type = draw(st.sampled_from(plain if v_trans else sorted(GGML_TYPES)))
-        blocks = draw(st.integers(1, 3))
-        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-        s = StreamState(rng.integers(-5, 10**6, cells).astype(np.int32),
-                        [rng.integers(0, 64, draw(st.integers(0, 3))).astype(np.int32) for _ in range(cells)],
-                        [rng.bytes(ext) for _ in range(cells)] if ext else [], v_trans)
-        for _ in range(n_layer):
-            kt = GGML_TYPES[k_type]
-            row = kt.block_bytes * blocks * (32 // kt.block)
-            s.k.append(LayerRows(k_type, row, rng.integers(0, 256, (cells, row), np.uint8)))
-            vt = GGML_TYPES[v_type]
-            if v_trans:
-                n_embd = blocks * 32
-                s.v.append(LayerRows(v_type, vt.block_bytes,
-                                     rng.integers(0, 256, (n_embd, cells * vt.block_bytes), np.uint8), n_embd))
-            else:
-                row = vt.block_bytes * blocks * (32 // vt.block)
-                s.v.append(LayerRows(v_type, row, rng.integers(0, 256, (cells, row), np.uint8)))
-        streams.append(s)
-    seq_id = draw(st.one_of(st.none(), st.integers(-1, 63)))
-    return SeqState(streams, seq_id, ext)
-
-
 @settings(max_examples=150, deadline=None)
 @given(seq_states())
 def test_parse_serialise_round_trip_is_exact(state: SeqState) -> None:
@@ -234,29 +197,6 @@ def test_unknown_slot_version_names_the_installed_llama_cpp() -> None:
 def test_type_table_matches_ggml() -> None:
     assert TYPE_IDS == {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20,
                         "bf16": 30}
-
-
-# -- cards: direct copy of stored blocks ------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_q8_card_blocks_go_in_unchanged(tmp_path, arch: str, dtype: str) -> None:
-    import cachecard
-
-    kv = random_kv(300, dtype)
-    ident = identity(arch, dtype)
-    cachecard.write_card(tmp_path / "c", kv, np.arange(300), ident, codec="q8")
-    card = cachecard.open_card(tmp_path / "c")
-    layout = CacheLayout("q8_0", "q8_0", False)
-    order = llamacpp.k_order(ident)
-    blocks = llamacpp._stored_blocks(card, layout, order, 300)
-    assert set(blocks) == ({"k", "v"} if order == "neox" else {"v"})  # NORM K must be re-blocked
-    direct = from_canonical(card.read(), layout=layout, order=order, blocks=blocks)
-    # the card's blocks are the blocks of the original KV: the same bytes as quantizing it for llama.cpp
-    state = ggsq.parse_seq_state(direct)
-    want = ggsq.parse_seq_state(from_canonical(kv, layout=layout, order=order))
-    for which in ("v",) + (("k",) if order == "neox" else ()):
-        for got_rows, want_rows in zip(getattr(state.stream(), which), getattr(want.stream(), which)):
-            np.testing.assert_array_equal(got_rows.data, want_rows.data)
 
 
 # -- real SmolLM2 in llama.cpp ----------------------------------------------------------------------------------

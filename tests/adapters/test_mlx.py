@@ -15,6 +15,7 @@ pytest.importorskip("mlx_lm")
 
 import cachecard  # noqa: E402
 from cachecard.adapters import mlx as mlxa  # noqa: E402
+from cachecard.adapters import mlx_cache  # noqa: E402
 from cachecard.codecs.presets import PRESETS  # noqa: E402
 from cachecard.kv import NUMPY_DTYPES  # noqa: E402
 from mlx_lm import generate, stream_generate  # noqa: E402
@@ -33,7 +34,7 @@ def tiny_model(dtype: str = "float32", seed: int = 0):
                            num_attention_heads=2, num_key_value_heads=1, head_dim=HEAD_DIM, rms_norm_eps=1e-5,
                            vocab_size=VOCAB)
     model = llama.Model(args)
-    model.set_dtype(mlxa._MX_DTYPES[dtype])
+    model.set_dtype(mlx_cache.MX_DTYPES[dtype])
     mx.eval(model.parameters())
     return model
 
@@ -96,8 +97,28 @@ def test_kvcache_card_round_trip_is_bit_exact(tmp_path, dtype):
     restored = mlxa.restore(tmp_path / "c", model, identity=ident)
     for a, b in zip(restored, cache, strict=True):
         assert isinstance(a, KVCache) and a.offset == b.offset == 37
-        assert equal_bits(a.keys, b.keys[..., :37, :]) and equal_bits(a.values, b.values[..., :37, :])
+        assert equal_bits(a.keys[..., :37, :], b.keys[..., :37, :])
+        assert equal_bits(a.values[..., :37, :], b.values[..., :37, :])
+        assert a.keys.shape[2] == 256 and not mlxa.to_numpy(a.keys[..., 37:, :]).any()  # laid out as mlx-lm's
     assert mlxa.to_canonical(restored).equal(mlxa.to_canonical(cache))
+
+
+@pytest.mark.parametrize("quantized", [None, (64, 4)])
+def test_first_step_after_a_restore_writes_in_place(tmp_path, quantized):
+    """A restored layer has room for the next token even at a multiple of 256 tokens, where mlx-lm's own
+    buffer is full and its next step copies the whole cache to grow it; the step's KV is the live cache's."""
+    model = tiny_model()
+    ids = prompt_ids(257)
+    cache = prefill(model, ids[:256])
+    mlxa.save(tmp_path / "c", model, cache, ids[:256], identity=identity(model), codec="q4" if quantized else "lossless")
+    restored = mlxa.restore(tmp_path / "c", model, identity=identity(model), quantized=quantized)
+    first = restored[0].keys[0] if quantized else restored[0].keys
+    assert first.shape[2] == 512
+    mx.eval(model(mx.array([ids[256:]]), cache=restored))
+    assert restored[0].offset == 257 and (restored[0].keys[0] if quantized else restored[0].keys) is first
+    if quantized is None:
+        mx.eval(model(mx.array([ids[256:]]), cache=cache))
+        assert mlxa.to_canonical(restored).equal(mlxa.to_canonical(cache))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -121,7 +142,7 @@ def test_q4_card_goes_into_quantized_cache_bit_identical(tmp_path, monkeypatch, 
     assert quantized_state_equal(ours, theirs)
     # and the first 100 tokens only
     part = mlxa.restore(card, model, identity=identity(model), quantized=(64, bits), tokens=100)
-    assert part[0].offset == 100 and equal_bits(part[1].keys[1], theirs[1].keys[1][..., :100, :])
+    assert part[0].offset == 100 and equal_bits(part[1].keys[1][..., :100, :], theirs[1].keys[1][..., :100, :])
     if dtype != "float32":  # a model computing in float32 gets the card's 16-bit scales widened, exactly
         wide = mlxa.cache_from_card(card, quantized=(64, bits), dtype="float32")
         assert wide[0].keys[1].dtype == mx.float32 and equal_bits(wide[0].keys[0], ours[0].keys[0])

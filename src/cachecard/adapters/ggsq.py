@@ -23,7 +23,9 @@ The cell ext (M-RoPE 2D positions, and since slot version 3 a token id) is writt
 it; the bytes do not say so, so the caller passes its size (0 for everything else).
 
 This module parses and re-serialises those bytes exactly; it imports no llama.cpp. Iterated SWA and hybrid
-memories (two memory blocks, or recurrent state) are refused.
+memories (two memory blocks, or recurrent state) are refused. :func:`allocate` lays a state out in one
+preallocated buffer (headers and cell records written, K and V rows as views to fill in place), which is how
+a restore synthesises a state without intermediate copies.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cachecard.errors import UnsupportedStateError
+from cachecard.errors import KVShapeError, UnsupportedStateError
 
 IO_MAGIC = 0xAF143CD8          # llama_context's io_magic, first word of llama_state_seq_get_data output
 SLOT_MAGIC = 0x67677371        # LLAMA_STATE_SEQ_MAGIC, 'ggsq'
@@ -98,12 +100,17 @@ class LayerRows:
 
     ``data`` is ``(cell_count, row_size)`` uint8 (one row per cell), or for transposed V
     ``(n_embd, cell_count * el_size)`` (one row per channel); ``size`` is the row size (K, plain V) or the
-    element size (transposed V)."""
+    element size (transposed V). ``data`` is ``None`` in a state being built: :func:`allocate` gives it its
+    place."""
 
     type_id: int
     size: int
-    data: np.ndarray
+    data: np.ndarray | None
     n_embd: int | None = None  # set for transposed V only
+
+    def shape(self, cells: int) -> tuple[int, int]:
+        """``(rows, bytes per row)`` of the data in a stream of ``cells`` cells."""
+        return (self.n_embd, cells * self.size) if self.n_embd is not None else (cells, self.size)
 
     @property
     def type(self) -> GGMLType:
@@ -147,34 +154,104 @@ class SeqState:
                                         "exactly one. Save one sequence (seq_id >= 0) of a non-empty cache")
         return full[0]
 
+    def to_buffer(self) -> np.ndarray:
+        """The exact bytes llama.cpp wrote (with the ``io_magic`` header when ``seq_id`` is set), as one uint8
+        array: writable, and usable as a buffer without another copy."""
+        return allocate(self)[0]
+
     def to_bytes(self) -> bytes:
         """The exact bytes llama.cpp wrote (with the ``io_magic`` header when ``seq_id`` is set)."""
-        out: list[bytes] = []
-        if self.seq_id is not None:
-            out.append(struct.pack("<Ii", IO_MAGIC, self.seq_id))
-        out.append(struct.pack("<I", len(self.streams)))
-        for s in self.streams:
-            if s is None:
-                out.append(struct.pack("<I", 0))
-                continue
-            out.append(struct.pack("<I", s.cell_count))
-            for i in range(s.cell_count):
-                ids = s.seq_ids[i]
-                out.append(struct.pack("<iI", int(s.positions[i]), len(ids)))
-                if self.cell_ext_size:
-                    out.append(s.cell_ext[i])
-                out.append(np.asarray(ids, "<i4").tobytes())
-            out.append(struct.pack("<II", int(s.v_trans), len(s.k)))
-            for rows in s.k:
-                out.append(struct.pack("<iQ", rows.type_id, rows.size))
-                out.append(rows.data.tobytes())
-            for rows in s.v:
-                if rows.transposed:
-                    out.append(struct.pack("<iII", rows.type_id, rows.size, rows.n_embd))
-                else:
-                    out.append(struct.pack("<iQ", rows.type_id, rows.size))
-                out.append(rows.data.tobytes())
-        return b"".join(out)
+        return self.to_buffer().tobytes()
+
+
+_ROWS_HEADER = 12  # i32 type + u64 row size, or (transposed V) i32 type + u32 element size + u32 n_embd
+
+
+def allocate(state: SeqState) -> tuple[np.ndarray, SeqState]:
+    """One buffer of exactly ``state``'s bytes with every header and cell record written, and a copy of
+    ``state`` whose rows' ``data`` are views of their place in that buffer.
+
+    Rows that have data are copied in. Rows whose ``data`` is ``None`` are left for the caller to fill through
+    the returned views, every byte of them, before the buffer is used (it starts uninitialised).
+
+    Raises
+    ------
+    KVShapeError
+        A stream's layers disagree in number between K and V, rows hold the wrong number of bytes, or the cell
+        ext blocks are not ``cell_ext_size`` bytes each.
+    """
+    ext = state.cell_ext_size
+    counts = [None if s is None else np.fromiter(map(len, s.seq_ids), np.int64, s.cell_count)
+              for s in state.streams]
+    size = (8 if state.seq_id is not None else 0) + 4
+    for s, n_ids in zip(state.streams, counts):
+        size += 4
+        if s is None:
+            continue
+        if len(s.v) != len(s.k):
+            raise KVShapeError(f"a stream holds {len(s.k)} layers of K and {len(s.v)} of V; llama.cpp writes both "
+                               "for every layer")
+        size += s.cell_count * (8 + ext) + 4 * int(n_ids.sum()) + 8
+        size += sum(_ROWS_HEADER + int(np.prod(r.shape(s.cell_count))) for r in (*s.k, *s.v))
+    buf = np.empty(size, np.uint8)
+    at = 0
+    if state.seq_id is not None:
+        struct.pack_into("<Ii", buf, 0, IO_MAGIC, state.seq_id)
+        at = 8
+    struct.pack_into("<I", buf, at, len(state.streams))
+    at += 4
+    placed: list[StreamState | None] = []
+    for s, n_ids in zip(state.streams, counts):
+        struct.pack_into("<I", buf, at, 0 if s is None else s.cell_count)
+        at += 4
+        if s is None:
+            placed.append(None)
+            continue
+        at = _write_cells(buf, at, s, n_ids, ext)
+        struct.pack_into("<II", buf, at, int(s.v_trans), len(s.k))
+        at += 8
+        out = StreamState(s.positions, s.seq_ids, s.cell_ext, s.v_trans)
+        for rows, into in [(r, out.k) for r in s.k] + [(r, out.v) for r in s.v]:
+            if rows.transposed:
+                struct.pack_into("<iII", buf, at, rows.type_id, rows.size, rows.n_embd)
+            else:
+                struct.pack_into("<iQ", buf, at, rows.type_id, rows.size)
+            at += _ROWS_HEADER
+            shape = rows.shape(s.cell_count)
+            view = buf[at:at + shape[0] * shape[1]].reshape(shape)
+            at += view.size
+            if rows.data is not None:
+                if rows.data.nbytes != view.size:
+                    raise KVShapeError(f"rows of {rows.data.nbytes} bytes where the layout needs {shape[0]} x "
+                                       f"{shape[1]} (type {rows.type.name}, size {rows.size}, {s.cell_count} cells)")
+                view[...] = np.ascontiguousarray(rows.data).view(np.uint8).reshape(shape)
+            into.append(LayerRows(rows.type_id, rows.size, view, rows.n_embd))
+        placed.append(out)
+    return buf, SeqState(placed, state.seq_id, ext)
+
+
+def _write_cells(buf: np.ndarray, at: int, s: StreamState, n_ids: np.ndarray, ext: int) -> int:
+    """Write the cell records (``i32 pos, u32 n_seq_id, ext, i32 seq_id[n_seq_id]``) at ``at``, every field
+    scattered at once rather than one ``struct.pack`` per cell; return the offset after them."""
+    cells = s.cell_count
+    rec = 8 + ext + 4 * n_ids
+    start = at + np.cumsum(rec) - rec
+    head = np.empty((cells, 2), "<i4")
+    head[:, 0] = s.positions
+    head[:, 1] = n_ids
+    buf[start[:, None] + np.arange(8)] = head.view(np.uint8).reshape(cells, 8)
+    if ext:
+        exts = np.frombuffer(b"".join(s.cell_ext), np.uint8)
+        if len(s.cell_ext) != cells or exts.size != cells * ext:
+            raise KVShapeError(f"{len(s.cell_ext)} cell ext blocks of {exts.size} bytes in all; the stream needs "
+                               f"{cells} of {ext} bytes")
+        buf[start[:, None] + 8 + np.arange(ext)] = exts.reshape(cells, ext)
+    ids = np.concatenate(s.seq_ids).astype("<i4", copy=False)
+    if ids.size:
+        first_id = np.repeat(np.cumsum(n_ids) - n_ids, n_ids)  # index in ``ids`` of each cell's first id
+        where = np.repeat(start + 8 + ext, n_ids) + 4 * (np.arange(ids.size) - first_id)
+        buf[where[:, None] + np.arange(4)] = ids.view(np.uint8).reshape(-1, 4)
+    return at + int(rec.sum())
 
 
 class _Cursor:
@@ -308,10 +385,15 @@ def parse_slot_file(data: bytes | bytearray | memoryview | np.ndarray, *,
     return state, tokens, version
 
 
-def slot_file_bytes(state: SeqState, tokens: np.ndarray | list[int], *, version: int = SLOT_VERSION) -> bytes:
-    """The bytes of a slot file holding ``state`` (its header, if any, is dropped) and ``tokens``."""
+def slot_header(tokens: np.ndarray | list[int], *, version: int = SLOT_VERSION) -> bytes:
+    """What a slot file holds before its state: magic, version, token count and the token ids."""
     if version not in SLOT_VERSIONS:
         raise _unsupported(f"cannot write slot file version {version}")
     ids = np.asarray(tokens, "<i4")
-    body = SeqState(state.streams, None, state.cell_ext_size).to_bytes()
-    return struct.pack("<III", SLOT_MAGIC, version, len(ids)) + ids.tobytes() + body
+    return struct.pack("<III", SLOT_MAGIC, version, len(ids)) + ids.tobytes()
+
+
+def slot_file_bytes(state: SeqState, tokens: np.ndarray | list[int], *, version: int = SLOT_VERSION) -> bytes:
+    """The bytes of a slot file holding ``state`` (its header, if any, is dropped) and ``tokens``."""
+    body = SeqState(state.streams, None, state.cell_ext_size).to_buffer()
+    return b"".join((slot_header(tokens, version=version), body))

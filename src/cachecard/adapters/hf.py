@@ -1,7 +1,8 @@
 """HuggingFace transformers 5.x adapter (spec/cachecard-1.md §4 canonical layout, §6 identity and adapters):
 :func:`save` / :func:`load` in one call each, restore into ``generate`` (one card, a store's prefix, a batch
-of agents), DynamicCache <-> canonical KV, and model identity. The verbs are those of every adapter
-(:class:`cachecard.adapters.protocol.RuntimeAdapter`).
+of agents), DynamicCache <-> canonical KV, model identity (:mod:`cachecard.adapters.hf_identity`) and
+per-layer calibration (:mod:`cachecard.adapters.hf_calibrate`), both re-exported here. The verbs are those of
+every adapter (:class:`cachecard.adapters.protocol.RuntimeAdapter`).
 
 HF caches K after RoPE in rotate-half order, which is the canonical layout, so no permutation is needed.
 """
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import AbstractSet, Any, Callable, Sequence
+from typing import AbstractSet, Any, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -27,108 +27,20 @@ except ImportError as e:
     raise missing_extra("hf", e) from e
 
 from cachecard.adapters._common import (
-    Identities, cached_ids, check_card_identity, check_gguf_shapes, check_restorable, deprecated_positional,
-    is_store, open_if_location, save_kv, usable_prefix,
+    cached_ids, check_card_identity, check_restorable, is_store, open_if_location, save_kv, usable_prefix,
 )
 from cachecard.adapters.hf_cache import Slot, restore_parts
+from cachecard.adapters.hf_calibrate import calibrate
+from cachecard.adapters.hf_identity import bind, identity_of, model_identity, source_gguf, weights_hash
 from cachecard.adapters.torch_read import read_layers
 from cachecard.card.locations import Location
 from cachecard.card.reader import Card
-from cachecard.codecs.profiles import SensitivityProfile
-from cachecard.errors import IdentityMismatchError, KVShapeError, MissingIdentityError
-from cachecard.identity import gguf_identity, tensors_hash, tokenizer_hash
-from cachecard.kv import CanonicalKV, as_numpy, token_ids
+from cachecard.errors import KVShapeError
+from cachecard.kv import CanonicalKV, token_ids
 from cachecard.kvstore.store import Store
-from cachecard.manifest import LayerKind, ModelIdentity, Rope
+from cachecard.manifest import ModelIdentity
 
 RUNTIME = f"transformers {transformers.__version__}"
-_IDENTITIES = Identities()
-
-
-def weights_hash(model: PreTrainedModel) -> str:
-    """Scheme ``sha256`` (spec §6) over every parameter and buffer of the state_dict."""
-    return tensors_hash((name, as_numpy(t)) for name, t in model.state_dict().items())
-
-
-def model_identity(model: PreTrainedModel, *args: object, tokenizer: object | None = None,
-                   gguf: str | os.PathLike[str] | None = None, name: str | None = None,
-                   kv_dtype: str | None = None) -> ModelIdentity:
-    """The identity a card of this model binds to (spec §6).
-
-    With ``gguf`` (the file the model was loaded from), the identity is the file's
-    (:func:`cachecard.identity.gguf_identity`), shared by every runtime that loads that file; its shapes are
-    checked against the model. Otherwise weights and ``tokenizer`` are hashed here (scheme ``sha256``), which
-    takes about a second per GB of weights; such cards restore only into transformers with these weights.
-    """
-    if args:  # tokenizer was positional before 0.2
-        deprecated_positional("hf.model_identity", "the tokenizer", "tokenizer=tok")
-        tokenizer = args[0]
-    cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype = kv_dtype or str(model.dtype).removeprefix("torch.")
-    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    window = getattr(cfg, "sliding_window", None)
-    kinds = tuple(LayerKind(attention="sliding", window=window) if t == "sliding_attention" else LayerKind()
-                  for t in layer_types)
-    if gguf is not None:
-        ident = gguf_identity(gguf, kv_dtype=dtype, name=name)
-        check_gguf_shapes({"architecture": cfg.model_type, "num_layers": cfg.num_hidden_layers,
-                           "num_kv_heads": cfg.num_key_value_heads, "head_dim": head_dim, "layer_kinds": kinds},
-                          ident, gguf)
-        return ident
-    if tokenizer is None:
-        raise MissingIdentityError("model_identity needs tokenizer= (its hash is part of the identity), or "
-                                   "gguf=, the file the model was loaded from")
-    rope = dict(getattr(cfg, "rope_parameters", None) or {})
-    theta = float(rope.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    partial = float(rope.pop("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)))
-    scaling = rope if rope.get("rope_type", "default") != "default" else None
-    return ModelIdentity(
-        name=name or getattr(cfg, "name_or_path", None) or None, architecture=cfg.model_type,
-        num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
-        layer_kinds=kinds, rope=Rope(theta=theta, rotary_dim=int(head_dim * partial), scaling=scaling),
-        kv_dtype=dtype, weights_hash=weights_hash(model), tokenizer_hash=tokenizer_hash(tokenizer),
-    )
-
-
-def source_gguf(model: PreTrainedModel) -> str | None:
-    """The GGUF file a model was loaded from (``from_pretrained(folder, gguf_file=...)``), when it can be
-    told: transformers records that the weights came from a GGUF and the folder, not the file name, so the
-    folder must hold one GGUF file whose shapes are the model's."""
-    quant = getattr(model.config, "quantization_config", None)
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    if str(getattr(method, "value", method)) != "gguf":
-        return None
-    source = Path(str(getattr(model.config, "name_or_path", "") or ""))
-    candidates = [source] if source.suffix == ".gguf" else sorted(source.glob("*.gguf")) if source.is_dir() else []
-    fitting = []
-    for path in candidates:
-        try:
-            model_identity(model, gguf=path)
-        except (IdentityMismatchError, ValueError, OSError):
-            continue
-        fitting.append(str(path))
-    return fitting[0] if len(fitting) == 1 else None
-
-
-def bind(model: PreTrainedModel, identity: ModelIdentity) -> ModelIdentity:
-    """Remember ``identity`` as ``model``'s, so :func:`restore` checks cards against it without rehashing."""
-    return _IDENTITIES.put(model, identity)
-
-
-def identity_of(model: PreTrainedModel, *, tokenizer: object | None = None,
-                gguf: str | os.PathLike[str] | None = None) -> ModelIdentity:
-    """The identity remembered for ``model`` (:func:`bind`, or found before), else the one found now and
-    remembered: the GGUF file's when ``gguf`` is given or the model was loaded from a GGUF file
-    (:func:`source_gguf`), else a hash of the weights and ``tokenizer``. MissingIdentityError (a TypeError)
-    says what to pass when none can be found."""
-    def derive() -> ModelIdentity | None:
-        path = gguf or source_gguf(model)
-        if path is not None:
-            return model_identity(model, gguf=path)
-        return model_identity(model, tokenizer=tokenizer) if tokenizer is not None else None
-
-    return _IDENTITIES.of(model, derive, module="hf")
 
 
 def to_canonical(cache: DynamicCache, *, row: int | None = None) -> CanonicalKV:
@@ -363,59 +275,8 @@ def _kv_dtype(model: PreTrainedModel) -> torch.dtype:
     return next(p for p in model.parameters() if p.is_floating_point()).dtype
 
 
-def calibrate(model: PreTrainedModel, tokenizer: object, texts: list[str], *, windows: int = 4, prefix: int = 512,
-              continuation: int = 128, k_step: float = 0.6, v_step: float = 1.0,
-              progress: Callable[[int, int], None] | None = None) -> SensitivityProfile:
-    """Measure a model's per-layer sensitivity profile (cachecard.codecs.profiles): the mean KL of the next-token
-    distributions over ``continuation`` tokens when one layer's K (then V) of a ``prefix``-token cache goes
-    through ``cachecard.frontier`` at a reference step and everything else is exact. 2·L + 1 forward passes
-    of ``windows`` windows; use text the model will not be evaluated on."""
-    from cachecard.codecs.base import ChunkContext
-    from cachecard.codecs.frontier import FrontierCodec
-
-    ids = np.concatenate([np.asarray(tokenizer(t).input_ids) for t in texts])
-    span = prefix + continuation
-    if len(ids) < windows * span:
-        raise ValueError(f"calibration needs {windows * span} tokens of text; got {len(ids)}")
-    batch = torch.from_numpy(np.stack([ids[i * span:(i + 1) * span] for i in range(windows)]))
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        cache = model(batch[:, :prefix].to(device), use_cache=True).past_key_values
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
-        cont = batch[:, prefix:].to(device)
-
-        def logprobs(ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
-            c = DynamicCache()
-            for i, (k, v) in enumerate(zip(ks, vs)):
-                c.update(k.clone(), v.clone(), i)
-            return torch.log_softmax(model(cont, past_key_values=c, use_cache=True).logits[:, :-1].float(), -1)
-
-        exact = logprobs(keys, values)
-        costs: dict[str, list[float]] = {"k": [], "v": []}
-        steps = 2 * len(keys)
-        for which, tensors, codec in (
-                ("k", keys, FrontierCodec(step=k_step, center=True, sinks=4, recent=32, salient=0.0, seed=1)),
-                ("v", values, FrontierCodec(step=v_step, center=False, sinks=4, recent=32, salient=0.0, seed=1))):
-            for layer, t in enumerate(tensors):
-                x = as_numpy(t).astype(np.float32)  # (B, H, T, D)
-                out = np.empty_like(x)
-                for b in range(x.shape[0]):
-                    for s in range(0, prefix, 256):
-                        chunk = x[b:b + 1, :, s:s + 256]
-                        n = chunk.shape[2]
-                        ctx = ChunkContext(layer=layer, token_start=s, valid_tokens=n, card_tokens=prefix,
-                                           positions=np.arange(s, s + n))
-                        data = np.frombuffer(codec.encode_array(chunk, ctx), np.uint8)
-                        out[b:b + 1, :, s:s + 256] = codec.decode_array(data, chunk.shape)
-                swapped = list(tensors)
-                swapped[layer] = torch.from_numpy(out).to(device=t.device, dtype=t.dtype)
-                lq = logprobs(swapped, values) if which == "k" else logprobs(keys, swapped)
-                kl = float((exact.exp() * (exact - lq)).sum(-1).mean())
-                costs[which].append(max(kl, 0.0))  # a KL is >= 0; float noise is not information
-                if progress:
-                    progress(len(costs["k"]) + len(costs["v"]), steps)
-    reference = (f"KL of {windows} windows x {continuation} tokens after a {prefix}-token prefix; one layer through "
-                 f"cachecard.frontier (K step {k_step} centered, V step {v_step}; sinks 4, recent 32)")
-    return SensitivityProfile(weights_hash=weights_hash(model), model=getattr(model.config, "name_or_path", None),
-                              k=costs["k"], v=costs["v"], reference=reference)
+__all__ = [
+    "RUNTIME", "BatchRestore", "bind", "calibrate", "capture", "from_canonical", "identity_of", "load",
+    "model_identity", "restore", "restore_batch", "restore_from_store", "save", "source_gguf", "to_canonical",
+    "weights_hash",
+]

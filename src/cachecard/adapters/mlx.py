@@ -1,33 +1,26 @@
 """MLX (mlx-lm) adapter: ``KVCache`` / ``QuantizedKVCache`` <-> CanonicalKV, restore for generation, model
 identity, and mlx-lm ``save_prompt_cache`` files (spec/cachecard-1.md §4 canonical layout, §6 identity).
 
-mlx-lm's llama-family models cache K after RoPE in rotate-half order (``nn.RoPE(traditional=False)``),
-the canonical layout, so no permutation is needed; models with ``rope_traditional`` (interleaved pairs)
-are refused. ``KVCache`` keeps a buffer grown in steps of 256 tokens: only the first ``offset`` are KV.
-
-A card whose K and V are ``cachecard.mlx_affine`` with the group size and bits asked for goes into
-``QuantizedKVCache`` directly: the stored ``(packed, scales, biases)`` are handed over as they are
-(``Card.read_encoded``), bit-identical to what ``mx.quantize`` made, with no dequantize/requantize.
+Models with ``rope_traditional`` (interleaved pairs) are refused: cards hold K in rotate-half order, the order
+mlx-lm's llama-family models cache it in. The conversions (and the direct ``cachecard.mlx_affine`` ->
+``QuantizedKVCache`` path) live in :mod:`cachecard.adapters.mlx_cache`, the prompt-cache files in
+:mod:`cachecard.adapters.mlx_files`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import AbstractSet, Any, Sequence
 
-import ml_dtypes
 import numpy as np
 
 from cachecard.adapters._common import missing_extra
 
 try:
     import mlx.core as mx
-    import mlx_lm
+    import mlx_lm  # noqa: F401 - imported by name, so a missing mlx-lm is reported here
     from mlx.utils import tree_flatten
-    from mlx_lm.models.cache import (
-        ConcatenateKVCache, KVCache, QuantizedKVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache,
-    )
+    from mlx_lm.models.cache import make_prompt_cache
 except ImportError as e:
     raise missing_extra("mlx", e) from e
 
@@ -35,46 +28,22 @@ from cachecard.adapters._common import (
     Identities, cached_ids, check_card_identity, check_gguf_shapes, check_restorable, is_store, open_if_location,
     save_kv, usable_prefix,
 )
+from cachecard.adapters.mlx_cache import (  # noqa: F401 - MLXAffineCodec: a name this module had
+    RUNTIME, MLXAffineCodec, PromptCache, cache_from_card, from_canonical, to_canonical, to_mlx,
+    to_numpy,
+)
+from cachecard.adapters.mlx_files import META_CARD_ID, META_IDENTITY, META_TOKENS, export_prompt_cache, \
+    import_prompt_cache
 from cachecard.card.locations import Location
 from cachecard.card.reader import Card
 from cachecard.card.writer import write_card
-from cachecard.codecs.mlx_affine import MLXAffineCodec
-from cachecard.errors import KVShapeError, MissingIdentityError, UnsupportedCodecError
-from cachecard.identity import check_identity, gguf_identity, tensors_hash, tokenizer_hash
+from cachecard.errors import KVShapeError, MissingIdentityError
+from cachecard.identity import gguf_identity, tensors_hash, tokenizer_hash
 from cachecard.kv import CanonicalKV, token_ids
 from cachecard.kvstore.store import Store
 from cachecard.manifest import CardManifest, LayerKind, ModelIdentity, Rope
 
-RUNTIME = f"mlx-lm {mlx_lm.__version__} (mlx {mx.__version__})"
 _IDENTITIES = Identities()
-
-# keys this adapter adds to a prompt-cache file's metadata (mlx-lm metadata is str -> str, and a "." in a key
-# nests it on load: mlx's tree_unflatten splits there)
-META_IDENTITY = "cachecard_identity"   # the card's ModelIdentity as JSON
-META_TOKENS = "cachecard_tokens"       # the token ids as a JSON list (mlx-lm files do not record them)
-META_CARD_ID = "cachecard_card_id"
-_OWN_KEYS = (META_IDENTITY, META_TOKENS, META_CARD_ID)
-
-_MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-PromptCache = list[Any]  # one KVCache or QuantizedKVCache per layer
-
-
-# -- arrays ---------------------------------------------------------------------------------------------------
-def to_numpy(a: mx.array) -> np.ndarray:
-    """An mlx array as numpy (bfloat16 through its bits, as ``ml_dtypes.bfloat16``)."""
-    if a.dtype == mx.bfloat16:
-        return np.array(a.view(mx.uint16)).view(ml_dtypes.bfloat16)
-    return np.array(a)
-
-
-def to_mlx(a: np.ndarray) -> mx.array:
-    """A numpy array as mlx (``ml_dtypes.bfloat16`` through its bits)."""
-    a = np.ascontiguousarray(a)
-    if a.dtype == np.dtype(ml_dtypes.bfloat16):
-        return mx.array(a.view(np.uint16)).view(mx.bfloat16)
-    return mx.array(a)
-
 
 def model_dtype(model: Any) -> str:
     """The element type the model computes (and caches KV) in: that of its first floating parameter
@@ -161,139 +130,6 @@ def identity_of(model: Any, *, tokenizer: Any = None, gguf: str | os.PathLike[st
         return model_identity(model, tokenizer=tokenizer) if tokenizer is not None else None
 
     return _IDENTITIES.of(model, derive, module="mlx")
-
-
-# -- caches <-> canonical ---------------------------------------------------------------------------------------
-def to_canonical(prompt_cache: Sequence[Any]) -> CanonicalKV:
-    """One sequence (batch size 1) of an mlx-lm prompt cache as canonical KV.
-
-    ``KVCache`` / ``ConcatenateKVCache`` give their first ``offset`` tokens; a ``QuantizedKVCache`` is
-    dequantized with ``mx.dequantize`` (in its scales' type). Other cache kinds (rotating, batched, SSM)
-    hold no plain token sequence and are refused.
-    """
-    if not prompt_cache:
-        raise KVShapeError("the prompt cache has no layers")
-    keys, values = [], []
-    for i, c in enumerate(prompt_cache):
-        if not isinstance(c, (KVCache, QuantizedKVCache, ConcatenateKVCache)):
-            raise KVShapeError(f"layer {i} holds a {type(c).__name__}; only KVCache, QuantizedKVCache and "
-                               "ConcatenateKVCache hold one plain token sequence")
-        if c.keys is None:
-            raise KVShapeError(f"layer {i} holds no KV yet; run the prompt through the model first")
-        n = c.offset
-        if isinstance(c, QuantizedKVCache):
-            k, v = (mx.dequantize(*(x[..., :n, :] for x in t), group_size=c.group_size, bits=c.bits)
-                    for t in (c.keys, c.values))
-        else:
-            k, v = c.keys[..., :n, :], c.values[..., :n, :]
-        if k.shape[0] != 1:
-            raise KVShapeError(f"to_canonical takes one sequence; layer {i} holds a batch of {k.shape[0]}")
-        keys.append(k)
-        values.append(v)
-    mx.eval(keys, values)
-    return CanonicalKV.from_layers([to_numpy(k) for k in keys], [to_numpy(v) for v in values])
-
-
-def _quant_spec(quantized: tuple[int, int] | None) -> tuple[int, int] | None:
-    if quantized is None:
-        return None
-    try:
-        group_size, bits = (int(x) for x in quantized)
-    except (TypeError, ValueError):
-        raise TypeError(f"quantized must be None or (group_size, bits); got {quantized!r}") from None
-    return group_size, bits
-
-
-def from_canonical(kv: CanonicalKV, *, quantized: tuple[int, int] | None = None,
-                   dtype: str | None = None) -> PromptCache:
-    """An mlx-lm prompt cache (batch size 1) holding ``kv``: a ``KVCache`` per layer, or with
-    ``quantized=(group_size, bits)`` a ``QuantizedKVCache`` made by ``mx.quantize`` (as
-    ``KVCache.to_quantized`` does). ``dtype`` converts the KV first (default: keep the card's type)."""
-    spec = _quant_spec(quantized)
-    target = _MX_DTYPES[dtype or kv.dtype]
-    caches: PromptCache = []
-    for i in range(kv.num_layers):
-        k, v = (to_mlx(a[i][None]).astype(target) for a in (kv.k, kv.v))
-        if spec is None:
-            c = KVCache()
-            c.keys, c.values, c.offset = k, v, kv.num_tokens
-        else:
-            group_size, bits = spec
-            c = QuantizedKVCache(group_size=group_size, bits=bits)
-            c.keys = tuple(mx.quantize(k, group_size=group_size, bits=bits))
-            c.values = tuple(mx.quantize(v, group_size=group_size, bits=bits))
-            c.offset = kv.num_tokens
-        caches.append(c)
-    mx.eval([c.state[:2] for c in caches])
-    return caches
-
-
-def _direct_codec(card: Card, spec: tuple[int, int]) -> bool:
-    """True when K and V are stored as ``cachecard.mlx_affine`` with exactly these (group_size, bits)."""
-    for which in ("k", "v"):
-        try:
-            codec = card.read_encoded(which, layers=range(0)).codec
-        except UnsupportedCodecError:
-            return False  # compressed or format 1.0 chunks: not payloads QuantizedKVCache can hold
-        if not isinstance(codec, MLXAffineCodec) or (codec.group, codec.bits) != spec:
-            return False
-    return True
-
-
-def _direct_quantized(card: Card, spec: tuple[int, int], tokens: int, dtype: str) -> PromptCache:
-    """QuantizedKVCache layers straight from the stored mlx_affine payloads (no dequantize)."""
-    group_size, bits = spec
-    layers = card.manifest.model.num_layers
-    parts: dict[str, list[list[tuple[np.ndarray, ...]]]] = {}
-    for which in ("k", "v"):
-        enc = card.read_encoded(which, tokens=tokens)
-        per_layer: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(layers)]
-        for ch in enc.chunks:
-            packed, scales, biases = enc.codec.split(ch.payload, enc.chunk_shape)
-            keep = min(ch.tokens, tokens - ch.token_start)  # drop the writer's padding and unasked tokens
-            per_layer[ch.layer].append(tuple(x[:, :, :keep] for x in (packed, scales, biases)))
-        parts[which] = per_layer
-    target = _MX_DTYPES[dtype]
-    caches: PromptCache = []
-    for layer in range(layers):
-        k, v = (tuple(to_mlx(np.concatenate([p[i] for p in parts[w][layer]], axis=2)) for i in range(3))
-                for w in ("k", "v"))
-        # scales/biases are in the card's type; a model computing in another type gets them converted
-        k, v = ((t[0], t[1].astype(target), t[2].astype(target)) for t in (k, v))
-        c = QuantizedKVCache(group_size=group_size, bits=bits)
-        c.keys, c.values, c.offset = k, v, tokens
-        caches.append(c)
-    mx.eval([c.state[:2] for c in caches])
-    return caches
-
-
-def _check_plain_sequence(card: Card) -> None:
-    """A card restores into an mlx-lm cache only from position 0 with contiguous positions: the cache's
-    ``offset`` is both its length and its next RoPE position."""
-    check_restorable(card, runtime="mlx")
-    if card.manifest.positions != "contiguous":
-        raise KVShapeError(f"the card's positions are {card.manifest.positions!r} (a pruned card); an mlx-lm "
-                           "cache's offset is both its length and its next RoPE position, so it holds only "
-                           "contiguous positions", card=card.label)
-
-
-def cache_from_card(card: Card | Location, *, quantized: tuple[int, int] | None = None,
-                    tokens: int | None = None, dtype: str | None = None) -> PromptCache:
-    """An mlx-lm prompt cache of the card's first ``tokens`` tokens (all by default) with no identity
-    check (use :func:`restore` to restore into a model). ``quantized=(group_size, bits)`` gives
-    ``QuantizedKVCache`` layers, straight from the stored bytes when the card is ``cachecard.mlx_affine`` with
-    that group size and bits; otherwise the card is decoded (and quantized by ``mx.quantize`` if asked)."""
-    card = open_if_location(card)
-    _check_plain_sequence(card)
-    count = card.manifest.tokens.count
-    n = count if tokens is None else tokens
-    if not 0 < n <= count:
-        raise ValueError(f"tokens must be in [1, {count}] for this card; got {tokens}")
-    spec = _quant_spec(quantized)
-    dtype = dtype or card.manifest.model.kv_dtype
-    if spec is not None and _direct_codec(card, spec):
-        return _direct_quantized(card, spec, n, dtype)
-    return from_canonical(card.read(tokens=n), quantized=spec, dtype=dtype)
 
 
 def _runtime_identity(model: Any, card: Card, identity: ModelIdentity | None) -> tuple[ModelIdentity, set[str]]:
@@ -415,69 +251,8 @@ def load(where: Store | Card | Location, model: Any, input_ids: Any = None, *, a
     return from_canonical(where.load(match), quantized=quantized, dtype=model_dtype(model))
 
 
-# -- mlx-lm prompt-cache files ----------------------------------------------------------------------------------
-def _safetensors_path(path: str | os.PathLike[str]) -> str:
-    p = os.fspath(path)
-    if not p.endswith(".safetensors"):  # mx.save_safetensors would append the suffix and write elsewhere
-        raise ValueError(f"mlx-lm prompt-cache files end in .safetensors; got {p!r}")
-    return p
-
-
-def export_prompt_cache(card: Card | Location, path: str | os.PathLike[str], *,
-                        metadata: dict[str, str] | None = None, quantized: tuple[int, int] | None = None) -> None:
-    """Write the card as an mlx-lm prompt-cache file (``mlx_lm.models.cache.save_prompt_cache``), loadable
-    with ``load_prompt_cache``. ``metadata`` (str to str, e.g. mlx-lm's ``model`` and ``chat_template``) is
-    written as given, plus the card's identity, token ids and id under ``cachecard_*`` keys so the file can
-    come back as a card. ``quantized=(group_size, bits)`` writes ``QuantizedKVCache`` state (directly from
-    ``cachecard.mlx_affine`` cards of that configuration)."""
-    card = open_if_location(card)
-    meta = dict(metadata or {})
-    bad = {k: v for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)}
-    if bad:
-        raise TypeError(f"prompt-cache metadata maps str to str; got {bad!r}")
-    dotted = sorted(k for k in meta if "." in k)
-    if dotted:
-        raise ValueError(f"metadata keys {dotted} hold a '.', which mlx-lm's load_prompt_cache turns into nested "
-                         "dicts; use keys without dots")
-    clash = sorted(set(meta) & set(_OWN_KEYS))
-    if clash:
-        raise ValueError(f"metadata keys {clash} are written by export_prompt_cache itself; remove them")
-    meta[META_IDENTITY] = card.manifest.model.model_dump_json()
-    meta[META_TOKENS] = json.dumps(card.token_ids().tolist())
-    meta[META_CARD_ID] = card.manifest.card_id
-    save_prompt_cache(_safetensors_path(path), cache_from_card(card, quantized=quantized), meta)
-
-
-def import_prompt_cache(path: str | os.PathLike[str], location: Location, identity: ModelIdentity, *,
-                        tokens: Sequence[int] | np.ndarray | None = None,
-                        **write_kwargs: Any) -> tuple[CardManifest, dict[str, str]]:
-    """Write an mlx-lm prompt-cache file as a card; returns the card's manifest and the file's metadata
-    (without this adapter's ``cachecard_*`` keys).
-
-    ``identity`` is the model's (:func:`model_identity`); when the file was exported from a card, the
-    identity recorded in it must match. mlx-lm's own files do not record token ids: pass ``tokens`` then.
-    A ``QuantizedKVCache`` file is dequantized (the card holds float KV; write it with a codec preset, e.g.
-    ``codec="q4"``, to store it quantized again). ``write_kwargs`` go to ``cachecard.write_card``.
-    """
-    cache, metadata = load_prompt_cache(_safetensors_path(path), return_metadata=True)
-    metadata = dict(metadata)
-    if META_IDENTITY in metadata:
-        recorded = ModelIdentity.model_validate_json(metadata[META_IDENTITY])
-        check_identity(recorded, identity, what=f"prompt-cache file {os.fspath(path)!r}")
-    if tokens is None:
-        if META_TOKENS not in metadata:
-            raise ValueError(f"{os.fspath(path)!r} does not record its token ids (mlx-lm files do not); pass "
-                             "tokens= with the ids the cache was computed from")
-        tokens = json.loads(metadata[META_TOKENS])
-    kv = to_canonical(cache)
-    write_kwargs.setdefault("runtime", RUNTIME)
-    manifest = write_card(location, kv, token_ids(tokens), identity.model_copy(update={"kv_dtype": kv.dtype}),
-                          **write_kwargs)
-    return manifest, {k: v for k, v in metadata.items() if k not in _OWN_KEYS}
-
-
 __all__ = [
-    "RUNTIME", "bind", "cache_from_card", "capture", "export_prompt_cache", "from_canonical", "identity_of",
-    "import_prompt_cache", "load", "model_dtype", "model_identity", "restore", "save", "to_canonical", "to_mlx",
-    "to_numpy", "tokenizer_hash", "weights_hash",
+    "META_CARD_ID", "META_IDENTITY", "META_TOKENS", "RUNTIME", "PromptCache", "bind", "cache_from_card", "capture",
+    "export_prompt_cache", "from_canonical", "identity_of", "import_prompt_cache", "load", "model_dtype",
+    "model_identity", "restore", "save", "to_canonical", "to_mlx", "to_numpy", "tokenizer_hash", "weights_hash",
 ]
