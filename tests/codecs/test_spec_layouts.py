@@ -101,10 +101,22 @@ def check_frontier(cfg, x, data):
     assert np.frombuffer(data, "<f4", 1, 4)[0] == np.float32(cfg["step"])
 
 
+def check_rotq(cfg, x, data):                          # rotq.md: 24-byte header, then four sections
+    g, t, d = math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1]
+    version, flags, bits, reserved = data[0], data[1], data[2], data[3]
+    a, r0, r1 = (int.from_bytes(data[o:o + 4], "little") for o in (4, 8, 12))
+    ref_ = np.frombuffer(data, "<f4", 1, 16)[0]
+    assert (version, flags & ~1, reserved, int.from_bytes(data[20:24], "little")) == (1, 0, 0, 0)
+    assert 1 <= bits <= 4 and a <= r0 <= r1 <= t and np.isfinite(ref_) and ref_ >= 0
+    assert bool(flags & 1) == cfg["center"]
+    p = a + r1 - r0
+    assert len(data) == 24 + 2 * g * d * (flags & 1) + g * p * d + g * (t - p) * d * bits // 8 + g * t
+
+
 CHECKS = {"cachecard.q8_0": lambda *a: check_blocks(*a, 34), "cachecard.q4_0": lambda *a: check_blocks(*a, 18),
           "cachecard.q4_1": lambda *a: check_blocks(*a, 20), "cachecard.mlx_affine": check_mlx_affine,
           "cachecard.nf4": check_nf4, "cachecard.kivi": check_kivi, "cachecard.turbo": check_turbo,
-          "cachecard.mixed": check_mixed, "cachecard.frontier": check_frontier}
+          "cachecard.mixed": check_mixed, "cachecard.frontier": check_frontier, "cachecard.rotq": check_rotq}
 
 
 def test_every_codec_has_a_layout_check():
