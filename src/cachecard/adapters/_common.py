@@ -204,3 +204,18 @@ def deprecated_positional(name: str, old: str, new: str) -> None:
     """Warn once per call site that a positional argument became keyword-only (removed in 0.3)."""
     warnings.warn(f"{name}: passing {old} positionally is deprecated and stops working in 0.3; pass {new}",
                   DeprecationWarning, stacklevel=3)
+
+
+def card_load_checks(agent: str | None) -> None:
+    """``load`` from a card location: ``agent`` has no meaning there."""
+    if agent is not None:
+        raise TypeError("agent= selects an agent's cards in a store; a card location has no agents")
+
+
+def store_prompt(where: Any, ident: Any, agent: str | None, input_ids: object) -> tuple[np.ndarray, Any]:
+    """``load`` from a store: the prompt's token ids and their longest cached prefix (``None``: no match)."""
+    if input_ids is None:
+        raise TypeError("loading from a store matches a prompt: pass input_ids (the whole prompt)")
+    ids = token_ids(input_ids)
+    return ids, where.match(ids[:-1], ident, agent=agent)
+

@@ -27,7 +27,8 @@ except ImportError as e:
     raise missing_extra("hf", e) from e
 
 from cachecard.adapters._common import (
-    cached_ids, check_card_identity, check_restorable, is_store, open_if_location, save_kv, usable_prefix,
+    cached_ids, card_load_checks, check_card_identity, check_restorable, is_store, open_if_location, save_kv,
+    usable_prefix,
 )
 from cachecard.adapters.hf_cache import Slot, restore_parts
 from cachecard.adapters.hf_calibrate import calibrate
@@ -197,8 +198,7 @@ def load(where: Store | Card | Location, model: PreTrainedModel, input_ids: obje
         cache, _ = restore_from_store(where, model, input_ids, agent=agent, identity=ident, allow=allow,
                                       device=device)
         return cache if cache is not None else DynamicCache(config=model.config)
-    if agent is not None:
-        raise TypeError("agent= selects an agent's cards in a store; a card location has no agents")
+    card_load_checks(agent)
     return restore(where, model, input_ids=input_ids, identity=ident, allow=allow, device=device)
 
 

@@ -28,8 +28,8 @@ except ImportError as e:
 
 from cachecard.adapters import ggsq
 from cachecard.adapters._common import (
-    Identities, cached_ids, check_card_identity, check_restorable, is_store, open_if_location, save_kv,
-    usable_prefix,
+    Identities, cached_ids, card_load_checks, check_card_identity, check_restorable, is_store,
+    open_if_location, save_kv, store_prompt, usable_prefix,
 )
 from cachecard.adapters.ggsq import SeqState
 from cachecard.adapters.llamacpp_card import card_state
@@ -221,13 +221,9 @@ def load(where: Store | Card | Location, llm: llama_cpp.Llama, input_ids: Any = 
     only, if given), its chain of cards joined."""
     ident = identity or identity_of(llm, gguf=gguf)
     if not is_store(where):
-        if agent is not None:
-            raise TypeError("agent= selects an agent's cards in a store; a card location has no agents")
+        card_load_checks(agent)
         return restore(where, llm, input_ids=input_ids, identity=ident, allow=allow, seq_id=seq_id)
-    if input_ids is None:
-        raise TypeError("loading from a store matches a prompt: pass input_ids (the whole prompt)")
-    ids = token_ids(input_ids)
-    match = where.match(ids[:-1], ident, agent=agent)
+    ids, match = store_prompt(where, ident, agent, input_ids)
     if match is None or match.tokens == 0:
         return 0
     for card, _ in where.parts(match):

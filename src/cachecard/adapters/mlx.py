@@ -25,8 +25,8 @@ except ImportError as e:
     raise missing_extra("mlx", e) from e
 
 from cachecard.adapters._common import (
-    Identities, cached_ids, check_card_identity, check_gguf_shapes, check_restorable, is_store, open_if_location,
-    save_kv, usable_prefix,
+    Identities, cached_ids, card_load_checks, check_card_identity, check_gguf_shapes, check_restorable,
+    is_store, open_if_location, save_kv, store_prompt, usable_prefix,
 )
 from cachecard.adapters.mlx_cache import (  # noqa: F401 - MLXAffineCodec: a name this module had
     RUNTIME, MLXAffineCodec, PromptCache, cache_from_card, from_canonical, to_canonical, to_mlx,
@@ -236,14 +236,10 @@ def load(where: Store | Card | Location, model: Any, input_ids: Any = None, *, a
     if identity is None and (tokenizer is not None or gguf is not None or _IDENTITIES.get(model) is not None):
         identity = identity_of(model, tokenizer=tokenizer, gguf=gguf)
     if not is_store(where):
-        if agent is not None:
-            raise TypeError("agent= selects an agent's cards in a store; a card location has no agents")
+        card_load_checks(agent)
         return restore(where, model, input_ids=input_ids, identity=identity, allow=allow, quantized=quantized)
-    if input_ids is None:
-        raise TypeError("loading from a store matches a prompt: pass input_ids (the whole prompt)")
     ident = identity or identity_of(model)
-    ids = token_ids(input_ids)
-    match = where.match(ids[:-1], ident, agent=agent)
+    ids, match = store_prompt(where, ident, agent, input_ids)
     if match is None or match.tokens == 0:
         return make_prompt_cache(model)
     for card, _ in where.parts(match):
