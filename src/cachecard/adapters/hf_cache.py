@@ -98,6 +98,10 @@ class Slot:
         self.model, self.max_cache_len = model, max_cache_len
         self.device, self.dtype = param.device, param.dtype
         self.keys, self.values = room(model, max_cache_len, headroom=0, device=self.device, dtype=self.dtype)
+        # Attention reads every position and masks the unwritten ones: 0 * NaN from uninitialised memory
+        # would still poison the output, so the slot starts finite (once, at construction).
+        self.keys.zero_()
+        self.values.zero_()
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         for i, layer in enumerate(self.cache.layers):
             _adopt(layer, self.keys[i], self.values[i])
