@@ -78,3 +78,19 @@ class CardInUseError(StoreError):
 class UnsupportedStateError(CacheCardError, ValueError):
     """Bytes handed in as a runtime's KV state (a llama.cpp sequence state or slot file) are truncated,
     malformed, or in a layout this version of cachecard does not know."""
+
+
+class PoolError(CacheCardError):
+    """A block pool of resident agents (``cachecard.pool``) cannot do what was asked."""
+
+
+class PoolBudgetError(PoolError, MemoryError):
+    """The pool's byte budget cannot hold what was asked (an agent's active context, a batch, or any more
+    tokens once every other agent is pinned or cannot be evicted). Nothing resident was lost."""
+
+
+class UnknownAgentError(PoolError, KeyError):
+    """The pool holds no agent of that name (add it, or attach it from the store)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return Exception.__str__(self)

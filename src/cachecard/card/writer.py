@@ -14,7 +14,7 @@ from cachecard.card import _zarr, layout
 from cachecard.codecs import pipeline
 from cachecard.errors import KVShapeError
 from cachecard.kv import CanonicalKV
-from cachecard.card.shard_write import write_kv_shard
+from cachecard.card.shard_write import Payloads, write_kv_shard
 from cachecard.card.locations import ROOT_KEY, Location, writable
 from cachecard.manifest import (
     CardManifest, Codecs, ModelIdentity, ParentRef, Producer, Pruning, TokenBinding, manifest_digest,
@@ -40,6 +40,7 @@ def write_card(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     card_id: str | None = None,
+    payloads: Payloads | None = None,
 ) -> CardManifest:
     """Write ``kv`` for ``tokens`` as a new card at ``location`` and return its manifest.
 
@@ -65,6 +66,11 @@ def write_card(
     card_id
         The new card's id (32 lowercase hex digits); a random UUID4 by default. The store picks ids itself
         so a card's location can be named after it.
+    payloads
+        ``(which, layer, token_start, valid_tokens, chunk_tokens) -> bytes``: every K/V inner chunk's
+        serializer payload, already encoded (the write-side mirror of ``Card.read_encoded``, for runtimes that
+        hold a codec's bytes and must not re-quantize). Rows past ``valid_tokens`` are padding. ``kv`` then only
+        gives shapes and dtype; the caller vouches that the payloads are the preset's serializer bytes.
     """
     ids = _token_array(tokens, kv.num_tokens)
     pos = None if positions is None else _positions_array(positions, kv.num_tokens)
@@ -106,7 +112,7 @@ def write_card(
                 config={"write_empty_chunks": True},  # a missing chunk must mean corruption, never zeros
             )
             if arr.size:
-                write_kv_shard(z, arr.view(storage), pos_all, which)
+                write_kv_shard(z, arr.view(storage), pos_all, which, payloads)
         _write_ids(data, "tokens", ids)
         if pos is not None:
             _write_ids(data, "positions", pos)

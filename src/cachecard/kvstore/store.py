@@ -217,12 +217,14 @@ class Store(StoreScans):
     # -- put ----------------------------------------------------------------------------------------------
     def put(self, kv: CanonicalKV, tokens: Sequence[int] | np.ndarray, model: ModelIdentity, *, agent: str,
             codec: str | tuple[str, str] = "lossless", chunk_tokens: int = layout.DEFAULT_CHUNK_TOKENS,
-            share: bool = True) -> str:
+            share: bool = True, payloads: Any = None) -> str:
         """Save ``kv`` (all of ``tokens``, every layer) for ``agent``; return the card id that holds it.
 
         With ``share`` (the default) the longest cached prefix of ``tokens`` (same model and codec presets,
         any agent) is reused through a parent reference and only the tokens after it are written; if the
         whole sequence is already a card, no data is written and the agent just gains a reference to it.
+        ``payloads`` (see ``write_card``) gives chunks already encoded; its token indices count from the start
+        of ``tokens``, whatever prefix the store reuses.
         """
         check_agent(agent)
         ids = np.asarray(tokens)
@@ -253,9 +255,11 @@ class Store(StoreScans):
         p = parent.tokens if parent else 0
         try:
             sub = CanonicalKV(kv.k[:, :, p:], kv.v[:, :, p:])
+            shifted = None if payloads is None else (
+                lambda which, layer, start, valid, c: payloads(which, layer, p + start, valid, c))
             manifest = write_card(self.card_location(card_id), sub, ids[p:], model, codec=codec,
                                   chunk_tokens=chunk_tokens, parent=parent, card_id=card_id,
-                                  storage_options=self._opts or None)
+                                  storage_options=self._opts or None, payloads=shifted)
             nbytes = self._card_bytes(card_id)
             self._write_ref(agent, card_id)
         except BaseException as e:
