@@ -150,41 +150,50 @@ class PoolCache(Cache):
         nb, nt = (torch.as_tensor(x, device=dev) for x in (f.new_b, f.new_t))
         fresh = []
         for which, states in ((0, key_states), (1, value_states)):
-            rows = codec.encode_torch(states[nb, :, nt])  # (n, heads, row_bytes)
+            rows = codec.encode_torch(states.transpose(0, 1)[:, nb, nt])  # (heads, n, row_bytes)
             if len(f.new_b):
                 arena.write(layer_idx, which, f.slot_blocks, f.slot_offsets, rows)
             fresh.append(rows)
         kept = self._kept[layer_idx]
         if self.workspace == "batch" and kept is not None:
-            out = tuple(torch.cat([old, self._columns(rows, f, nb, nt, key_states.dtype)], dim=2)
-                        for old, rows in zip(kept, fresh))
-        else:
-            out = self._gather(layer_idx, f, key_states.dtype)
-        if self.workspace == "batch":
+            out = tuple(self._append_columns(buf, rows, f, nb, nt) for buf, rows in zip(kept, fresh))
             self._kept[layer_idx] = out
+            out = tuple(buf[:, :, :f.width] for buf in out)
+        else:
+            spare = max(64, f.width // 4) if self.workspace == "batch" else 0
+            out = tuple(self._gather(layer_idx, which, f, key_states.dtype, spare) for which in (0, 1))
+            if self.workspace == "batch":
+                self._kept[layer_idx] = out
+                out = tuple(buf[:, :, :f.width] for buf in out)
         self.session.end_layer()
         return out
 
-    def _gather(self, layer: int, f: Forward, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every agent's tokens of one layer, decoded into their columns of a zeroed workspace."""
+    def _gather(self, layer: int, which: int, f: Forward, dtype: torch.dtype, spare: int) -> torch.Tensor:
+        """Every agent's tokens of one layer's K or V, decoded into their columns of a zeroed workspace
+        ``(batch, heads, width + spare, head_dim)``."""
         arena, codec = self.pool.arena, self.pool.codec
-        g = arena.gather(layer, f.all_blocks)  # (blocks, 2, heads, block_tokens, row_bytes)
-        n, _, heads, bt, r = g.shape
-        g = g.permute(1, 2, 0, 3, 4).reshape(2, heads, n * bt, r)
-        g = g.index_select(2, torch.as_tensor(f.src, device=g.device))
-        dec = codec.decode_torch(g, dtype)  # (2, heads, tokens, head_dim)
-        ws = torch.zeros((2, self.session.batch, heads, f.width, codec.head_dim), dtype=dtype, device=g.device)
-        db, dc = (torch.as_tensor(x, device=g.device) for x in (f.dst_b, f.dst_col))
-        ws[:, db, :, dc] = dec.permute(2, 0, 1, 3)
-        return ws[0], ws[1]
+        g = arena.gather(layer, which, f.all_blocks)  # (heads, blocks * block_tokens, row_bytes)
+        dev = g.device
+        dec = codec.decode_torch(g.index_select(1, torch.as_tensor(f.src, device=dev)), dtype)  # (heads, T, D)
+        ws = torch.zeros((self.session.batch, g.shape[0], f.width + spare, codec.head_dim), dtype=dtype, device=dev)
+        db, dc = (torch.as_tensor(x, device=dev) for x in (f.dst_b, f.dst_col))
+        ws.transpose(0, 1)[:, db, dc] = dec
+        return ws
 
-    def _columns(self, rows: torch.Tensor, f: Forward, nb: torch.Tensor, nt: torch.Tensor,
-                 dtype: torch.dtype) -> torch.Tensor:
-        """This forward's columns of one of K/V, from its freshly stored rows."""
-        codec = self.pool.codec
-        out = torch.zeros((self.session.batch, rows.shape[1], f.q, codec.head_dim), dtype=dtype, device=rows.device)
-        out[nb, :, nt] = codec.decode_torch(rows, dtype)
-        return out
+    def _append_columns(self, buf: torch.Tensor, rows: torch.Tensor, f: Forward, nb: torch.Tensor,
+                        nt: torch.Tensor) -> torch.Tensor:
+        """A kept workspace with this forward's columns decoded from their freshly stored rows (grown when
+        full)."""
+        start = f.width - f.q
+        if f.width > buf.shape[2]:
+            grown = torch.zeros((*buf.shape[:2], f.width + max(64, f.width // 4), buf.shape[3]), dtype=buf.dtype,
+                                device=buf.device)
+            grown[:, :, :start] = buf[:, :, :start]
+            buf = grown
+        cols = buf[:, :, start:f.width]
+        cols.zero_()
+        cols.transpose(0, 1)[:, nb, nt] = self.pool.codec.decode_torch(rows, buf.dtype)
+        return buf
 
     # -- what a pool batch does not support ---------------------------------------------------------------------
     def _unsupported(self, *args: Any, **kwargs: Any) -> None:

@@ -43,8 +43,7 @@ def write_agent(pool: BlockPool, agent: _Agent) -> str:
         rows[:] = zero_row  # the writer's padding rows: the codec's encoding of zeros
         if valid:
             blocks, offsets = pool._slots(agent, start, valid)
-            got = pool.arena.read_np(layer, 0 if which == "k" else 1, blocks, offsets)  # (valid, H, R)
-            rows[:, :valid] = got.transpose(1, 0, 2)
+            rows[:, :valid] = pool.arena.read_np(layer, 0 if which == "k" else 1, blocks, offsets)
         return codec.rows_to_payload(rows.reshape(-1, codec.row_bytes)).tobytes()
 
     card_id = store.put(CanonicalKV(zeros, zeros), ids, ident, agent=agent.name, codec=codec.card_preset,
@@ -83,7 +82,7 @@ def read_into(pool: BlockPool, card_id: str, start: int, stop: int, slots: Slots
             blocks, offsets = slots(first + a, b - a)
             for layer in range(kv.num_layers):
                 for which, arr in ((0, kv.k), (1, kv.v)):
-                    pool.arena.write_np(layer, which, blocks, offsets, codec.encode_np(arr[layer]).transpose(1, 0, 2))
+                    pool.arena.write_np(layer, which, blocks, offsets, codec.encode_np(arr[layer]))
     return exact
 
 
@@ -100,7 +99,7 @@ def _copy_rows(pool: BlockPool, card, a: int, b: int, first: int, slots: Slots) 
                 rows = codec.encode_np(vals).reshape(heads * c, codec.row_bytes)
             sel = rows.reshape(heads, c, codec.row_bytes)[:, lo - ch.token_start:hi - ch.token_start]
             blocks, offsets = slots(first + lo, hi - lo)
-            pool.arena.write_np(ch.layer, which_i, blocks, offsets, sel.transpose(1, 0, 2))
+            pool.arena.write_np(ch.layer, which_i, blocks, offsets, sel)
     return b - a
 
 

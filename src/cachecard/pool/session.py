@@ -202,6 +202,23 @@ class Session:
                     a.ids[-holes:] = gen[:-1]
                 a.pending = gen[-1:]
 
+    def hold(self, tokens: Sequence[Sequence[int]]) -> None:
+        """Add known tokens (e.g. the last one sampled) to each agent's pending tokens: they are fed first next
+        time."""
+        self._check_open()
+        if len(tokens) != self.batch:
+            raise PoolError(f"need one token list per agent ({self.batch}); got {len(tokens)}")
+        with self.pool.lock:
+            for a, t in zip(self.agents, tokens):
+                a.pending += [int(x) for x in np.asarray(t).reshape(-1)]
+
+    def upcoming(self, n: int) -> np.ndarray:
+        """Which of the next forward's ``n`` columns hold a token, ``(batch, n)``: fed columns first, then one
+        generated token per row and step."""
+        if self._queue is not None and self._queue[0].shape[1]:
+            return self._queue[0][:, :n]
+        return np.ones((self.batch, n), dtype=bool)
+
     def close(self) -> None:
         """Unpin the agents; fed tokens the model did not run go back to pending."""
         if self.closed:
