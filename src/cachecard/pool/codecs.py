@@ -126,7 +126,8 @@ class ResidentCodec:
 
     # -- numpy --------------------------------------------------------------------------------------------
     def encode_np(self, x: np.ndarray) -> np.ndarray:
-        """Vectors ``(..., head_dim)`` (any float type) -> rows ``(..., row_bytes)`` uint8."""
+        """Vectors ``(..., head_dim)`` (any float type) -> rows ``(..., row_bytes)`` uint8: what a card writer
+        stores for them in the card's element type (``card_dtype``)."""
         lead = x.shape[:-1]
         if x.shape[-1] != self.head_dim:
             raise KVShapeError(f"vectors of {x.shape[-1]} values for a codec of head_dim {self.head_dim}")
@@ -135,7 +136,8 @@ class ResidentCodec:
         if self.kind == "float":
             dt = NUMPY_DTYPES[self.card_dtype]
             return np.ascontiguousarray(x.astype(dt)).view(np.uint8).reshape(*lead, self.row_bytes)
-        x32 = np.ascontiguousarray(to_float32(x)).reshape(-1, self.head_dim)
+        # the values in the card's element type first: a row is what a card writer stores for them
+        x32 = to_float32(np.asarray(x).astype(NUMPY_DTYPES[self.card_dtype])).reshape(-1, self.head_dim)
         if self.kind == "ggml":
             raw = self._serializer.encode_array(x32, NO_CONTEXT)
             return np.frombuffer(raw, np.uint8).reshape(*lead, self.row_bytes)

@@ -140,6 +140,9 @@ class PoolCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if key_states.shape[0] != self.session.batch:
+            raise PoolError(f"the model ran {key_states.shape[0]} rows; this PoolCache holds {self.session.batch} "
+                            "agents, one row each (beam search and num_return_sequences > 1 are not supported)")
         if layer_idx == 0:
             self._plan = self.session.begin_forward(key_states.shape[2])
         f = self._plan
@@ -198,7 +201,7 @@ class PoolCache(Cache):
     # -- what a pool batch does not support ---------------------------------------------------------------------
     def _unsupported(self, *args: Any, **kwargs: Any) -> None:
         raise PoolError("PoolCache rows are agents: beam search, assisted decoding and cropping are not "
-                        "supported (use greedy decoding or sampling)")
+                        "supported (use greedy decoding or sampling, one sequence per agent)")
 
     reorder_cache = batch_repeat_interleave = batch_select_indices = crop = _unsupported
 

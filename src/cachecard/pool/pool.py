@@ -29,7 +29,7 @@ from cachecard.identity import check_identity
 from cachecard.kvstore import index as ix
 from cachecard.kvstore.names import check_agent
 from cachecard.manifest import ModelIdentity
-from cachecard.pool import persist
+from cachecard.pool import persist, residency
 from cachecard.pool.arena import NumpyArena, TorchArena
 from cachecard.pool.blocks import BlockAllocator, chain, root_hash
 from cachecard.pool.codecs import ResidentCodec
@@ -287,28 +287,48 @@ class BlockPool:
                 a.used = self._tick()
                 self._register(a)
 
-    def _prepare(self, agents: Sequence[_Agent], new: Sequence[int], reserve: int) -> None:
-        """Make the batch's agents resident with room for ``new[i] + reserve`` more tokens each, evicting
-        others as needed; an agent alone larger than the budget is refused before anything is evicted."""
+    def _prepare(self, agents: Sequence[_Agent], new: Sequence[list[int]], reserve: int) -> None:
+        """Add ``new[i]`` to each agent's pending tokens and make the agents resident with room for their
+        pending tokens and ``reserve`` more, evicting others as needed. An agent alone larger than the budget,
+        or a batch larger than it, is refused before anything is evicted; on any failure the new tokens are
+        taken back and nothing resident is lost."""
         with self.lock:
-            need = [self.blocks_for(len(a.ids) + len(a.pending) + n + reserve) + 1 for a, n in zip(agents, new)]
-            for a, n, k in zip(agents, new, need):
-                if k - 1 > self.alloc.total:
+            totals = [len(a.ids) + len(a.pending) + len(n) + reserve for a, n in zip(agents, new)]
+            for a, t in zip(agents, totals):
+                if self.blocks_for(t) > self.alloc.total:
                     raise PoolBudgetError(
-                        f"agent {a.name!r} needs {len(a.ids) + len(a.pending) + n + reserve} tokens resident "
-                        f"({k - 1} blocks of {self.block_tokens}, {(k - 1) * self.block_bytes} bytes with "
+                        f"agent {a.name!r} needs {t} tokens resident ({self.blocks_for(t)} blocks of "
+                        f"{self.block_tokens}, {self.blocks_for(t) * self.block_bytes} bytes with "
                         f"{self.codec.describe()}); the budget holds {self.alloc.total} blocks "
                         f"({self.budget_bytes} bytes). Raise budget_bytes or use a smaller resident codec")
-            if sum(need) - len(need) > self.alloc.total:
-                raise PoolBudgetError(f"the batch of {len(agents)} agents needs {sum(need) - len(need)} blocks; the "
-                                      f"budget holds {self.alloc.total}. Run fewer agents at once")
-            for a in agents:
-                self._register(a)
-            for a, k in zip(agents, need):
-                if not a.resident:
-                    self._reload(a, keep=agents)
-            missing = sum(max(0, k - len(a.blocks)) for a, k in zip(agents, need))
-            self._make_room(missing, keep=agents)
+            if sum(self.blocks_for(t) for t in totals) > self.alloc.total:
+                raise PoolBudgetError(f"the batch of {len(agents)} agents needs {sum(map(self.blocks_for, totals))} "
+                                      f"blocks; the budget holds {self.alloc.total}. Run fewer agents at once")
+            for a, n in zip(agents, new):
+                a.pending += n
+            try:
+                for a in agents:
+                    self._register(a)
+                    if not a.resident or not a.ids:
+                        residency.make_resident(self, a, keep=agents)
+                missing = sum(max(0, self.blocks_for(t) + 1 - len(a.blocks)) for a, t in zip(agents, totals))
+                self._make_room(missing, keep=agents)
+            except BaseException:
+                for a, n in zip(agents, new):
+                    self._unfeed(a, len(n))
+                raise
+
+    def _unfeed(self, a: _Agent, n: int) -> None:
+        """Take back the last ``n`` tokens fed to an agent (its pending tokens, or if sharing already made
+        some of them resident, by releasing the agent: a non-resident agent's tokens are re-obtained on use)."""
+        if n <= len(a.pending):
+            del a.pending[len(a.pending) - n:]
+            return
+        seq = (a.ids + a.pending)[:len(a.ids) + len(a.pending) - n]
+        self._release(a)
+        a.ids, a.pending = seq, []
+        a.hashes = a.hashes[:len(seq) // self.block_tokens]
+        a.stored = min(a.stored, len(seq))
 
     def _append(self, a: _Agent, ids: list[int], keep: Sequence[_Agent]) -> tuple[np.ndarray, np.ndarray]:
         """Room for ``len(ids)`` more tokens of a resident agent (copy on write of a shared last block, new
@@ -379,48 +399,6 @@ class BlockPool:
         if a.resident:
             self.alloc.decref(a.blocks)
         a.blocks, a.resident = [], False
-
-    def _reload(self, a: _Agent, keep: Sequence[_Agent]) -> None:
-        """Make an evicted agent resident: shared blocks still in the pool, then its cards, then what neither
-        holds becomes pending (recomputed by the next forward)."""
-        t0 = time.perf_counter()
-        bt, ids = self.block_tokens, a.ids
-        shared: list[int] = []
-        if self.share_prefixes:
-            h = self._root
-            for i in range(len(ids) // bt):
-                h = chain(h, np.asarray(ids[i * bt:(i + 1) * bt]))
-                b = self.alloc.lookup(h)
-                if b is None:
-                    break
-                shared.append(b)
-            self.alloc.incref(shared)
-        a.blocks, a.resident = shared, True
-        a.hashes = a.hashes[:len(shared)]
-        have = len(shared) * bt
-        stored = persist.stored_prefix(self, a) if len(ids) > have else None
-        read = 0
-        if stored is not None and stored[1] > have:
-            card_id, n = stored
-            self._make_room(self.blocks_for(n) - len(shared), keep=keep)
-            a.blocks += self.alloc.allocate(self.blocks_for(n) - len(shared))
-            persist.read_into(self, card_id, have, n, lambda s, c: self._slots(a, s, c))
-            read, have = n - have, n
-            a.card_id, a.stored = card_id, n
-        self.counts["tokens_shared"] += len(shared) * bt
-        if read:
-            self.counts["reloads"] += 1
-            self.counts["tokens_reloaded"] += read
-            self.events.append(PoolEvent("reload", a.name, read, time.perf_counter() - t0,
-                                         f"{len(shared) * bt} tokens shared in the pool"))
-        if have < len(ids):
-            self.counts["reprefills"] += 1
-            self.counts["tokens_recomputed"] += len(ids) - have
-            self.events.append(PoolEvent("reprefill", a.name, len(ids) - have, 0.0,
-                                         f"{len(shared) * bt} tokens shared, {read} read from the store"))
-            a.pending = ids[have:] + a.pending
-            a.ids = ids[:have]
-            a.stored = min(a.stored, have)
 
 
 __all__ = ["AgentInfo", "BlockPool", "PoolEvent", "UNKNOWN"]

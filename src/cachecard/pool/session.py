@@ -89,20 +89,21 @@ class Session:
         new = [[int(t) for t in np.asarray(seq).reshape(-1)] for seq in new_tokens]
         if any(t < 0 for seq in new for t in seq):
             raise PoolError("token ids must be >= 0")
-        self.pool._prepare(self.agents, [len(s) for s in new], reserve)
+        # an evicted agent always has one (its last token is recomputed); a resident one needs one fed
+        empty = [a.name for a, s in zip(self.agents, new) if not s and not a.pending and (a.resident or not a.ids)]
+        if empty:
+            raise PoolError(f"agents {empty} have no token to feed: a forward needs at least one per agent")
+        self.pool._prepare(self.agents, new, reserve)
         with self.pool.lock:
             if not self._started:  # the past: each agent's tokens, right-aligned
                 lens = [len(a.ids) for a in self.agents]
                 p = max(lens)
                 self.colmask = np.arange(p)[None, :] >= (p - np.asarray(lens))[:, None]
                 self.width, self._started = p, True
-            inputs = [a.pending + s for a, s in zip(self.agents, new)]
+            inputs = [a.pending for a in self.agents]
             lengths = [len(a.ids) for a in self.agents]
             for a in self.agents:
                 a.pending = []
-        if any(not x for x in inputs):
-            empty = [n for n, x in zip(self.names, inputs) if not x]
-            raise PoolError(f"agents {empty} have no token to feed: a forward needs at least one per agent")
         q = max(len(x) for x in inputs)
         mask = np.zeros((self.batch, q), dtype=bool)
         ids = np.zeros((self.batch, q), dtype=np.int64)
