@@ -43,7 +43,7 @@ def test_threads_share_one_pool_safely(tiny, tmp_path):
     for t in threads:
         t.join()
     assert not errors and got == want
-    assert pool.stats()["evictions"] >= len(IDLE) and pool.stats()["evict_failures"] == 0
+    assert pool.stats()["evictions"] >= 2 and pool.stats()["evict_failures"] == 0  # idle agents made room
     assert all(not pool.info(a).pinned for a in WORKERS)
 
 
