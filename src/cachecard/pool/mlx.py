@@ -14,28 +14,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import ml_dtypes
 import mlx.core as mx
 import numpy as np
 
+from cachecard.adapters.mlx import to_mlx as _mx
+from cachecard.adapters.mlx import to_numpy as _np
 from cachecard.errors import PoolError
 from cachecard.manifest import ModelIdentity
 from cachecard.pool.codecs import AFFINE_GROUP
 from cachecard.pool.pool import BlockPool
 from cachecard.pool.session import Forward, Session
-
-
-def _np(a: mx.array) -> np.ndarray:
-    if a.dtype == mx.bfloat16:
-        return np.array(a.view(mx.uint16)).view(ml_dtypes.bfloat16)
-    return np.array(a)
-
-
-def _mx(a: np.ndarray) -> mx.array:
-    a = np.ascontiguousarray(a)
-    if a.dtype == np.dtype(ml_dtypes.bfloat16):
-        return mx.array(a.view(np.uint16)).view(mx.bfloat16)
-    return mx.array(a)
 
 
 class _Layer:
