@@ -35,6 +35,26 @@ def test_batched_equals_each_agent_alone(tiny, codec):
     assert len({tuple(x) for t in batched for x in t}) > 3  # the continuations differ between agents
 
 
+@pytest.mark.parametrize("workspace", ["layer", "batch"])
+def test_fresh_tokens_quantized_first_is_also_batch_invariant(tiny, workspace):
+    """exact_fresh=False (mlx-lm's semantics: a forward attends to its own tokens already quantized)."""
+    model, ident = tiny
+    got = []
+    for batched in (True, False):
+        pool = fresh(ident, "q4")
+        out = []
+        for turn in TURNS[:2]:
+            groups = [AGENTS] if batched else [[a] for a in AGENTS]
+            row = []
+            for g in groups:
+                with PoolCache(pool, g, model, workspace=workspace, exact_fresh=False) as c:
+                    row += c.generate(model, [turn[a] for a in g], max_new_tokens=6)
+            out.append(row)
+        got.append(out)
+    assert got[0] == got[1]
+    assert got[0] != run_turns(fresh(ident, "q4"), model, AGENTS, TURNS[:2], batched=True)  # semantics differ
+
+
 def test_lossless_resident_codec_equals_a_full_precision_run(tiny):
     model, ident = tiny
     got = run_turns(fresh(ident, "fp32"), model, AGENTS, TURNS, batched=True)

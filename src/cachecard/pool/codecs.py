@@ -214,63 +214,19 @@ class ResidentCodec:
         biases = np.ascontiguousarray(rows[..., p + s:]).view(self._scale_np).reshape(*lead, -1)
         return packed, scales, biases
 
-    # -- torch ----------------------------------------------------------------------------------------------
+    # -- torch (cachecard.pool.torch_rows) ------------------------------------------------------------------
     def encode_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """Vectors ``(..., head_dim)`` -> rows ``(..., row_bytes)`` uint8 on ``x.device``."""
-        import torch
+        """Vectors ``(..., head_dim)`` -> rows ``(..., row_bytes)`` uint8 on ``x.device`` (``encode_np``'s bytes)."""
+        from cachecard.pool import torch_rows
 
-        if self.kind == "float":
-            return x.to(_torch_dtype(self.card_dtype)).contiguous().view(torch.uint8)
-        # The card codecs' numpy encoders: bit-exact by construction (the rows are card bytes).
-        host = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        rows = np.require(self.encode_np(host), requirements="W")  # torch wants writable memory
-        return torch.from_numpy(rows).to(x.device, non_blocking=True)
+        return torch_rows.encode(self, x)
 
     def decode_torch(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows ``(..., row_bytes)`` -> vectors ``(..., head_dim)`` in ``dtype``, on ``rows.device``."""
-        import torch
+        """Rows ``(..., row_bytes)`` -> vectors ``(..., head_dim)`` in ``dtype`` on ``rows.device``
+        (``decode_np``'s values)."""
+        from cachecard.pool import torch_rows
 
-        lead = rows.shape[:-1]
-        d = self.head_dim
-        if self.kind == "float":
-            return rows.contiguous().view(_torch_dtype(self.card_dtype)).reshape(*lead, d).to(dtype)
-        if self.kind == "ggml":
-            return self._serializer.decode_torch(rows.reshape(-1), (*lead, d)).to(dtype)
-        p, s = self._affine_split()
-        sdt = _torch_dtype(self.scale_dtype)
-        groups = d // AFFINE_GROUP
-        out = _unpack_codes(rows[..., :p], self.bits).reshape(*lead, groups, AFFINE_GROUP)
-        scales = rows[..., p:p + s].contiguous().view(sdt).reshape(*lead, groups, 1).float()
-        biases = rows[..., p + s:].contiguous().view(sdt).reshape(*lead, groups, 1).float()
-        # mx.dequantize rounds s·q, then s·q + b, to the scale type; s·q is exact in float32 (a code has at
-        # most 8 bits, a 16-bit scale 11), so float32 arithmetic plus two casts gives its bits, faster than
-        # 16-bit arithmetic on a CPU
-        out *= scales
-        if sdt != torch.float32:
-            out = out.to(sdt).float()
-        out += biases
-        return out.reshape(*lead, d).to(sdt).to(dtype)
-
-
-def _unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Little-endian bit stream bytes ``(..., n)`` -> codes ``(..., n * 8 / bits)`` as float32."""
-    import torch
-
-    if bits == 8:
-        return packed.float()
-    if bits == 4:  # low nibble first; unpacking in uint8, then one conversion, is the fastest on a CPU
-        return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1).float()
-    lead = packed.shape[:-1]
-    packs = packed.reshape(*lead, -1, bits).long()  # every `bits` bytes hold 8 codes
-    words = (packs << (torch.arange(bits, device=packed.device) * 8)).sum(dim=-1, keepdim=True)
-    codes = (words >> (torch.arange(8, device=packed.device) * bits)) & ((1 << bits) - 1)
-    return codes.reshape(*lead, -1).float()
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+        return torch_rows.decode(self, rows, dtype)
 
 
 __all__ = ["AFFINE_GROUP", "RESIDENT_CODECS", "ResidentCodec"]

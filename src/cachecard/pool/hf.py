@@ -69,10 +69,15 @@ class PoolCache(Cache):
         must be the pool's.
     workspace
         ``"layer"`` or ``"batch"`` (see the module documentation).
+    exact_fresh
+        A forward's own new tokens attend to each other with their computed K/V, before quantization (what
+        ``transformers``' ``QuantizedCache`` does for its recent tokens; KIVI's "residual"); they are stored
+        quantized, and later forwards see the stored values. False: they are quantized first, as mlx-lm's
+        ``QuantizedKVCache`` does (and ``cachecard.pool.mlx``).
     """
 
     def __init__(self, pool: BlockPool, agents: Sequence[str], model: Any = None, *,
-                 identity: ModelIdentity | None = None, workspace: str = "layer") -> None:
+                 identity: ModelIdentity | None = None, workspace: str = "layer", exact_fresh: bool = True) -> None:
         if pool.backend != "torch":
             raise PoolError("PoolCache needs a pool with the torch backend")
         if workspace not in ("layer", "batch"):
@@ -88,7 +93,9 @@ class PoolCache(Cache):
         self.session = Session(pool, agents)
         self.workspace = workspace
         super().__init__(layers=[_PoolLayer(self) for _ in range(pool.identity.num_layers)])
+        self.exact_fresh = exact_fresh
         self._kept: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * pool.identity.num_layers
+        self._fresh: list[tuple | None] = [None] * pool.identity.num_layers  # last forward's rows, batch mode
         self._plan: Forward | None = None
 
     # -- driving it -------------------------------------------------------------------------------------------
@@ -105,6 +112,11 @@ class PoolCache(Cache):
         """After ``model.generate``: the generated ids, ``(batch, new tokens)`` (``sequences[:, Q:]``)."""
         rows = generated.tolist() if isinstance(generated, torch.Tensor) else generated
         self.session.record(rows)
+
+    def hold(self, tokens: Sequence[Sequence[int]]) -> None:
+        """After a ``model(...)`` loop: known ids without KV yet (the last one sampled), one list per agent;
+        they are fed first next time."""
+        self.session.hold(tokens)
 
     @torch.no_grad()
     def generate(self, model: Any, new_tokens: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -123,6 +135,7 @@ class PoolCache(Cache):
     def close(self) -> None:
         """Unpin the agents and drop the workspaces."""
         self._kept = [None] * len(self._kept)
+        self._fresh = [None] * len(self._fresh)
         self.session.close()
 
     def __enter__(self) -> PoolCache:
@@ -159,17 +172,23 @@ class PoolCache(Cache):
             fresh.append(rows)
         kept = self._kept[layer_idx]
         if self.workspace == "batch" and kept is not None:
-            out = tuple(self._append_columns(buf, rows, f, nb, nt) for buf, rows in zip(kept, fresh))
+            out = tuple(self._append_columns(layer_idx, w, buf, rows, f)
+                        for w, (buf, rows) in enumerate(zip(kept, fresh)))
+            self._fresh[layer_idx] = None
             self._kept[layer_idx] = out
-            out = tuple(buf[:, :, :f.width] for buf in out)
         else:
             spare = max(64, f.width // 4) if self.workspace == "batch" else 0
             out = tuple(self._gather(layer_idx, which, f, key_states.dtype, spare) for which in (0, 1))
             if self.workspace == "batch":
                 self._kept[layer_idx] = out
-                out = tuple(buf[:, :, :f.width] for buf in out)
+        if self.exact_fresh and len(f.new_b):  # this forward's own tokens attend to each other unquantized
+            start = f.width - f.q
+            for buf, states in zip(out, (key_states, value_states)):
+                buf[:, :, start:f.width].transpose(0, 1)[:, nb, nt] = states.transpose(0, 1)[:, nb, nt].to(buf.dtype)
+            if self.workspace == "batch":
+                self._fresh[layer_idx] = (fresh, nb, nt, start)
         self.session.end_layer()
-        return out
+        return tuple(buf[:, :, :f.width] for buf in out)
 
     def _gather(self, layer: int, which: int, f: Forward, dtype: torch.dtype, spare: int) -> torch.Tensor:
         """Every agent's tokens of one layer's K or V, decoded into their columns of a zeroed workspace
@@ -183,11 +202,16 @@ class PoolCache(Cache):
         ws.transpose(0, 1)[:, db, dc] = dec
         return ws
 
-    def _append_columns(self, buf: torch.Tensor, rows: torch.Tensor, f: Forward, nb: torch.Tensor,
-                        nt: torch.Tensor) -> torch.Tensor:
+    def _append_columns(self, layer: int, which: int, buf: torch.Tensor, rows: torch.Tensor,
+                        f: Forward) -> torch.Tensor:
         """A kept workspace with this forward's columns decoded from their freshly stored rows (grown when
-        full)."""
+        full); the previous forward's columns, held unquantized for it, become their stored values again."""
+        codec = self.pool.codec
         start = f.width - f.q
+        if self._fresh[layer] is not None:
+            old, onb, ont, ostart = self._fresh[layer]
+            cols = buf[:, :, ostart:start]
+            cols.transpose(0, 1)[:, onb, ont] = codec.decode_torch(old[which], buf.dtype)
         if f.width > buf.shape[2]:
             grown = torch.zeros((*buf.shape[:2], f.width + max(64, f.width // 4), buf.shape[3]), dtype=buf.dtype,
                                 device=buf.device)
@@ -195,7 +219,8 @@ class PoolCache(Cache):
             buf = grown
         cols = buf[:, :, start:f.width]
         cols.zero_()
-        cols.transpose(0, 1)[:, nb, nt] = self.pool.codec.decode_torch(rows, buf.dtype)
+        nb, nt = (torch.as_tensor(x, device=buf.device) for x in (f.new_b, f.new_t))
+        cols.transpose(0, 1)[:, nb, nt] = codec.decode_torch(rows, buf.dtype)
         return buf
 
     # -- what a pool batch does not support ---------------------------------------------------------------------
