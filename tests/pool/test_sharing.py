@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 
 from _tiny import ids, make_pool  # noqa: E402
 from cachecard import Store  # noqa: E402
+from cachecard.errors import PoolBudgetError  # noqa: E402
 from cachecard.pool.hf import PoolCache  # noqa: E402
 
 CONTEXT = ids(100, 1)  # 6 full blocks of 16, and 4 tokens
@@ -79,3 +80,22 @@ def test_evicting_sharers_keeps_the_shared_blocks_and_reloads_only_their_own(tin
     pool.add("late")
     generate(pool, model, "late", CONTEXT + ids(8, 200))
     assert pool.stats()["tokens_shared"] == 15 * 96 + 96 + 96
+
+
+def test_a_batch_of_sharers_is_budgeted_with_its_shared_blocks_counted_once(tiny):
+    model, ident = tiny
+    for share in (True, False):
+        pool = make_pool(ident, "q4", 40, share_prefixes=share)  # 15 sharers fit only if the context is held once
+        pool.add("base")
+        generate(pool, model, "base", CONTEXT, n=1)
+        for a in SUFFIX:
+            pool.add(a)
+        with PoolCache(pool, list(SUFFIX), model) as c:
+            if share:
+                out = c.generate(model, [CONTEXT + s for s in SUFFIX.values()], max_new_tokens=4)
+            else:
+                with pytest.raises(PoolBudgetError, match="Run fewer agents at once"):
+                    c.feed([CONTEXT + s for s in SUFFIX.values()], reserve=4)
+    single = make_pool(ident, "q4")
+    fifteen(single, model)
+    assert out == [single.tokens(a).tolist()[-4:] for a in SUFFIX]  # batched sharers == one at a time

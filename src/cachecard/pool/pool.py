@@ -301,9 +301,16 @@ class BlockPool:
                         f"{self.block_tokens}, {self.blocks_for(t) * self.block_bytes} bytes with "
                         f"{self.codec.describe()}); the budget holds {self.alloc.total} blocks "
                         f"({self.budget_bytes} bytes). Raise budget_bytes or use a smaller resident codec")
-            if sum(self.blocks_for(t) for t in totals) > self.alloc.total:
-                raise PoolBudgetError(f"the batch of {len(agents)} agents needs {sum(map(self.blocks_for, totals))} "
-                                      f"blocks; the budget holds {self.alloc.total}. Run fewer agents at once")
+            held: set[int] = set()  # blocks the batch will hold, each counted once (shared prefixes)
+            extra = 0
+            for a, t, n in zip(agents, totals, new):
+                have = a.blocks if a.resident and a.ids else \
+                    residency.shared_prefix(self, (a.ids + a.pending + n)[:-1])[0]
+                held.update(have)
+                extra += max(0, self.blocks_for(t) - len(have))
+            if len(held) + extra > self.alloc.total:
+                raise PoolBudgetError(f"the batch of {len(agents)} agents needs {len(held) + extra} blocks; the "
+                                      f"budget holds {self.alloc.total}. Run fewer agents at once")
             for a, n in zip(agents, new):
                 a.pending += n
             try:
