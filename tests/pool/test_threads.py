@@ -47,16 +47,42 @@ def test_threads_share_one_pool_safely(tiny, tmp_path):
     assert all(not pool.info(a).pinned for a in WORKERS)
 
 
-def test_an_agent_in_use_cannot_be_evicted_or_dropped(tiny):
+def test_an_agent_in_use_cannot_join_another_batch_or_be_evicted_or_dropped(tiny):
     model, ident = tiny
     pool = make_pool(ident, "q4")
     pool.add("a")
     from cachecard.pool.hf import PoolCache
 
     with PoolCache(pool, ["a"], model):
+        with pytest.raises(PoolError, match="in use by another batch"):
+            PoolCache(pool, ["a"], model)
         with pytest.raises(PoolError, match="in use by a batch"):
             pool.evict("a")
         with pytest.raises(PoolError, match="in use by a batch"):
             pool.drop("a")
     pool.drop("a")
     assert pool.agents() == []
+
+
+def test_an_agent_mid_forward_is_not_persisted_or_forked(tiny, tmp_path):
+    """What another thread would see while a batch writes the agent's KV layer by layer."""
+    model, ident = tiny
+    pool = make_pool(ident, "q4", store=Store(tmp_path / "s"))
+    pool.add("w0")
+    seen = []
+
+    def meddle(*_):
+        for call in (lambda: pool.persist("w0"), lambda: pool.fork("w0", "b")):
+            try:
+                call()
+            except PoolError as e:
+                seen.append(str(e))
+
+    handle = model.model.layers[1].register_forward_pre_hook(meddle)
+    try:
+        run_turns(pool, model, ["w0"], TURNS[:1], max_new_tokens=2)
+    finally:
+        handle.remove()
+    assert seen and all("in the middle of a forward" in m for m in seen)
+    pool.persist("w0")  # between forwards: fine
+    pool.fork("w0", "b")

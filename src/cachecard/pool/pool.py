@@ -45,6 +45,7 @@ class _Agent:
     blocks: list[int] = field(default_factory=list)   # block table, while resident
     resident: bool = True
     pins: int = 0
+    busy: bool = False                                # in the middle of a forward (its KV is being written)
     used: int = 0                                     # LRU clock value of the last use
     card_id: str | None = None                        # the agent's latest card in the store
     stored: int = 0                                   # leading tokens of `ids` that card holds
@@ -168,6 +169,7 @@ class BlockPool:
         check_agent(dst)
         with self.lock:
             a = self._get(src)
+            self._check_idle(a, "forked")
             if dst in self._agents:
                 raise PoolError(f"agent {dst!r} is already in the pool")
             b = _Agent(dst, ids=list(a.ids), pending=list(a.pending), blocks=list(a.blocks), resident=a.resident,
@@ -190,6 +192,7 @@ class BlockPool:
         with self.lock:
             a = self._get(agent)
             self._require_store("persist")
+            self._check_idle(a, "persisted")
             if not a.resident:
                 if a.card_id is None or a.stored < len(a.ids):
                     raise PoolError(f"agent {agent!r} is not resident and the store lacks some of its tokens")
@@ -260,6 +263,11 @@ class BlockPool:
         if self.store is None:
             raise PoolError(f"{what} needs a pool with a store")
 
+    def _check_idle(self, a: _Agent, what: str) -> None:
+        if a.busy:
+            raise PoolError(f"agent {a.name!r} is in the middle of a forward in another thread; it can be {what} "
+                            "between forwards")
+
     def _check_known(self, a: _Agent) -> None:
         if UNKNOWN in a.ids:
             raise PoolError(f"agent {a.name!r} holds tokens whose ids the pool was not told (generated inside "
@@ -275,6 +283,10 @@ class BlockPool:
             agents = [self._get(n) for n in names]
             if len(set(names)) != len(names):
                 raise PoolError(f"a batch needs distinct agents; got {list(names)}")
+            busy = [a.name for a in agents if a.pins]
+            if busy:  # two batches appending to one agent would interleave its tokens
+                raise PoolError(f"agents {busy} are in use by another batch (one batch per agent at a time); close "
+                                "that batch first")
             for a in agents:
                 a.pins += 1
                 a.used = self._tick()

@@ -148,6 +148,7 @@ class Session:
             for b, a in enumerate(self.agents):
                 at = new_b == b
                 slot_b[at], slot_o[at] = pool._append(a, ids[b][mask[b]].tolist(), keep=self.agents)
+                a.busy = True
             tables = [np.asarray(a.blocks, dtype=np.int64) for a in self.agents]
             lens = [len(a.ids) for a in self.agents]
         width_before = self.width
@@ -167,6 +168,9 @@ class Session:
         self._layers_done += 1
         if self._layers_done == self.pool.identity.num_layers:
             self._forward = None
+            with self.pool.lock:
+                for a in self.agents:
+                    a.busy = False
             return True
         return False
 
@@ -179,6 +183,7 @@ class Session:
             for a, n in zip(self.agents, f.before):
                 del a.ids[n:]
                 a.hashes = a.hashes[:n // self.pool.block_tokens]
+                a.busy = False
         self.colmask = self.colmask[:, :f.width_before]
         self.width = f.width_before
         if f.queued is not None and self._queue is not None:
