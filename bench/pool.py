@@ -118,8 +118,9 @@ def reference_nll(model, seqs: dict[str, list[int]], starts: list[tuple[int, str
 
 
 def run_config(key: str, model, ident, ctx, turns, p: dict, budget: int, device: str, tmp: Path,
-               reference: bool = True) -> dict:
+               reference: bool = True, q4: str = "q4") -> dict:
     codec, persist, share = CONFIGS[key]
+    codec = q4 if codec == "q4" else codec
     store = Store(tmp / f"store-{key}") if persist else None
     pool = BlockPool(ident, budget_bytes=budget, codec=codec, block_tokens=BLOCK, store=store,
                      share_prefixes=share, device=device)
@@ -229,10 +230,14 @@ def plot(res: dict, path: Path) -> None:
               alpha=0.5, label="setup (read contexts)")
     ax[1].set_title("time (s)")
     ax[1].legend()
+    same = all("drift_pct_same_tokens" in x for r in rows for x in r["rounds"])
     for r, lab in zip(rows, labels):
-        ax[2].plot([x["round"] for x in r["rounds"]], [x["ppl"] for x in r["rounds"]], marker="o", label=lab)
-    ax[2].set_title("perplexity of each round's new tokens")
+        ax[2].plot([x["round"] for x in r["rounds"]],
+                   [x["drift_pct_same_tokens"] if same else x["ppl"] for x in r["rounds"]], marker="o", label=lab)
+    ax[2].set_title("perplexity drift (%) vs a full-precision pass over the same tokens" if same
+                    else "perplexity of each round's new tokens", fontsize=10)
     ax[2].set_xlabel("round")
+    ax[2].set_xticks([x["round"] for x in rows[0]["rounds"]])
     ax[2].legend(fontsize=8)
     for a in ax[:2]:
         a.tick_params(axis="x", labelrotation=20, labelsize=8)
@@ -247,6 +252,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a small run: " + json.dumps(QUICK))
     ap.add_argument("--device", default="cpu", help="cpu (SmolLM2) or cuda (Llama-3.1-8B shape, random weights)")
     ap.add_argument("--configs", default="abcd")
+    ap.add_argument("--q4", default="q4", help="the 4-bit resident codec of (c) and (d): q4 (MLX affine) or q4_0")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=N",
+                    help="override a workflow parameter, e.g. --set agents=6 --set context=2048")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 cores shared with other jobs: 1)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-reference", action="store_true", help="skip the full-precision pass over each agent's "
@@ -254,18 +262,24 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     p = dict(QUICK if args.quick else FULL)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in p:
+            raise SystemExit(f"--set: unknown parameter {key!r}; known: {sorted(p)}")
+        p[key] = int(value)
     model, corpus, what = smollm2_model() if args.device == "cpu" else llama8b_model(args.device)
     ident = hf.identity_of(model)
     ctx, turns = streams(corpus, p)
     final = p["context"] + p["rounds"] * (p["turn"] + p["generate"])
     budget = p["budget_agents"] * (blocks_for(final) + 1) * block_bytes(ident, "fp16")
     res = {"setup": {"model": what, "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "block_tokens": BLOCK, "workspace": "batch", "budget_bytes": budget, **p}, "configs": []}
+                     "block_tokens": BLOCK, "workspace": "batch", "exact_fresh": True, "q4_codec": args.q4,
+                     "budget_bytes": budget, **p}, "configs": []}
     with tempfile.TemporaryDirectory(dir=RESULTS.parent) as tmp:
         for key in args.configs:
             res["configs"].append(run_config(key, model, ident, ctx, turns, p, budget, args.device, Path(tmp),
-                                             reference=not args.no_reference and args.device == "cpu"))
-    res["sharing"] = sharing_check(model, ident, corpus, p, args.device)
+                                             reference=not args.no_reference and args.device == "cpu", q4=args.q4))
+    res["sharing"] = sharing_check(model, ident, corpus, p, args.device) if p["sharers"] else None
     by = {r["config"]: r for r in res["configs"]}
     if {"a", "b", "c", "d"} <= set(by):
         a = by["a"]
