@@ -3,8 +3,9 @@
 Layout ``(layers, 2, kv_heads, blocks, block_tokens, row_bytes)`` uint8: block ``b`` holds ``block_tokens``
 tokens of every layer, K (0) and V (1), as resident-codec rows (``cachecard.pool.codecs``). A block id is
 the same in every layer, so one block table per agent serves all layers, and one layer's K (or V) of any
-list of blocks is one gather that is already ``(kv_heads, tokens, row_bytes)`` in token order. ``TorchArena`` lives on a torch device (CPU RAM or a GPU); ``NumpyArena`` in host memory (the
-MLX path: MLX copies host arrays in, and on Apple silicon host memory is the GPU's).
+list of blocks is one gather that is already ``(kv_heads, tokens, row_bytes)`` in token order. ``TorchArena``
+lives on a torch device (CPU RAM or a GPU); ``NumpyArena`` in host memory (the MLX path: MLX copies host
+arrays in, and on Apple silicon host memory is the GPU's).
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class PoolCache(Cache):
         self._fresh: list[tuple | None] = [None] * pool.identity.num_layers  # last forward's rows, batch mode
         self._plan: Forward | None = None
 
-    # -- driving it -------------------------------------------------------------------------------------------
+    # -- driving it ------------------------------------------------------------------------------------------
     def feed(self, new_tokens: Sequence[Sequence[int]], *, reserve: int = 0) -> dict[str, Any]:
         """Inputs for ``model(**inputs)`` or ``model.generate(**inputs, ...)``: each agent's pending tokens
         then ``new_tokens[b]``, left-padded, with the attention mask over every column and the positions."""
@@ -144,7 +144,7 @@ class PoolCache(Cache):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the transformers Cache interface ----------------------------------------------------------------------
+    # -- the transformers Cache interface --------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.session.width
 
@@ -223,7 +223,7 @@ class PoolCache(Cache):
         cols.transpose(0, 1)[:, nb, nt] = codec.decode_torch(rows, buf.dtype)
         return buf
 
-    # -- what a pool batch does not support ---------------------------------------------------------------------
+    # -- what a pool batch does not support ------------------------------------------------------------------
     def _unsupported(self, *args: Any, **kwargs: Any) -> None:
         raise PoolError("PoolCache rows are agents: beam search, assisted decoding and cropping are not "
                         "supported (use greedy decoding or sampling, one sequence per agent)")

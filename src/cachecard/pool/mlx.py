@@ -7,7 +7,8 @@ are never dequantized). :class:`MLXPoolCache` is such a cache for a batch of poo
 quantized by ``mx.quantize`` into the agents' blocks (MLX affine rows are exactly what it returns), and each
 layer gets the batch's ``(packed, scales, biases)`` gathered from the blocks in the batch layout of
 ``cachecard.pool.session`` (padding columns are zero codes, zero scales and a mask). The pool's resident codec
-must be ``q4`` or ``mlx8`` with scales in the model's element type, as mlx-lm's ``QuantizedKVCache`` keeps them.
+must be ``q4`` or ``mlx8`` with scales in the model's element type, as mlx-lm's ``QuantizedKVCache`` keeps
+them.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class MLXPoolCache:
     Parameters
     ----------
     pool
-        A ``BlockPool`` with ``backend="numpy"``, codec ``q4`` or ``mlx8`` and ``scale_dtype`` the model's type.
+        A ``BlockPool`` with ``backend="numpy"``, codec ``q4`` or ``mlx8`` and ``scale_dtype`` the model's
+        type.
     agents
         The agents of this batch, pinned until :meth:`close`.
     identity
@@ -82,7 +84,7 @@ class MLXPoolCache:
         self._offsets = mx.zeros((self.session.batch,), dtype=mx.int32)
         self._plan: Forward | None = None
 
-    # -- a list of layer caches, as mlx-lm models take it -----------------------------------------------------
+    # -- a list of layer caches, as mlx-lm models take it ----------------------------------------------------
     def __getitem__(self, i: int) -> _Layer:
         return self.layers[i]
 
@@ -92,7 +94,7 @@ class MLXPoolCache:
     def __iter__(self):  # noqa: ANN204
         return iter(self.layers)
 
-    # -- driving it -------------------------------------------------------------------------------------------
+    # -- driving it ------------------------------------------------------------------------------------------
     def feed(self, new_tokens: Sequence[Sequence[int]], *, reserve: int = 0) -> mx.array:
         """The next inputs ``(batch, Q)``: each agent's pending tokens then ``new_tokens[b]``, left-padded."""
         f = self.session.feed(new_tokens, reserve=reserve)
@@ -123,7 +125,7 @@ class MLXPoolCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- what the layers do -------------------------------------------------------------------------------------
+    # -- what the layers do ----------------------------------------------------------------------------------
     def _mask(self, n: int) -> mx.array:
         s = self.session
         keys = np.concatenate([s.colmask, s.upcoming(n)], axis=1)    # (B, W + n): real columns

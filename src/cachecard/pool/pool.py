@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from cachecard.errors import CacheCardError, IdentityMismatchError, PoolBudgetError, PoolError, UnknownAgentError
+from cachecard.errors import CacheCardError, PoolBudgetError, PoolError, UnknownAgentError
 from cachecard.identity import check_identity
 from cachecard.kvstore import index as ix
 from cachecard.kvstore.names import check_agent
@@ -136,7 +136,7 @@ class BlockPool:
         self.counts = {"evictions": 0, "reloads": 0, "reprefills": 0, "evict_failures": 0, "tokens_reloaded": 0,
                        "tokens_recomputed": 0, "tokens_shared": 0}
 
-    # -- agents -------------------------------------------------------------------------------------------------
+    # -- agents ----------------------------------------------------------------------------------------------
     def add(self, agent: str, *, identity: ModelIdentity | None = None) -> None:
         """A new agent with no tokens yet. ``identity`` (the model it runs on) must be the pool's."""
         check_agent(agent)
@@ -212,7 +212,7 @@ class BlockPool:
                 raise PoolError(f"agent {agent!r} could not be written to the store, so it stays resident: "
                                 f"{self.events[-1].detail}")
 
-    # -- reading the state ------------------------------------------------------------------------------------
+    # -- reading the state -----------------------------------------------------------------------------------
     def agents(self) -> list[str]:
         with self.lock:
             return list(self._agents)

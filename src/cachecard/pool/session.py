@@ -116,7 +116,7 @@ class Session:
         full = np.concatenate([self.colmask, mask], axis=1).astype(np.int64)
         return Feed(ids, full, pos, lengths, [len(x) for x in inputs])
 
-    # -- forwards ---------------------------------------------------------------------------------------------
+    # -- forwards --------------------------------------------------------------------------------------------
     def begin_forward(self, q: int) -> Forward:
         """Called at a forward's first layer with its number of columns: reserve slots for its real tokens
         (fed columns first; beyond them, one generated token per row and step, id unknown until ``record``)."""
@@ -190,7 +190,7 @@ class Session:
             self._queue = tuple(np.concatenate([x, y], axis=1) for x, y in zip(f.queued, self._queue))
         self._forward = None
 
-    # -- after generation ---------------------------------------------------------------------------------------
+    # -- after generation ------------------------------------------------------------------------------------
     def record(self, generated: Sequence[Sequence[int]]) -> None:
         """Tell the pool the ids ``generate`` produced, one list per row (all of them, in order): every one
         but the last has KV now; the last becomes pending, fed before the agent's next tokens."""
