@@ -93,6 +93,8 @@ def test_attaching_cards_of_another_model_or_codec_is_refused(tiny, tmp_path):
     pool = pool_of(ident, "q4", 400, store=Store(tmp_path / "s"))
     run_turns(pool, model, ["a"], TURNS[:1])
     pool.persist("a")
+    with pytest.raises(PoolError, match="no tokens with KV yet"):
+        pool.persist("b")
     other = make_pool(ident, "q8_0", 400, store=pool.store)
     with pytest.raises(IdentityMismatchError, match="none made by this pool's model and resident codec"):
         other.attach("a")

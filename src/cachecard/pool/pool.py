@@ -193,6 +193,8 @@ class BlockPool:
             a = self._get(agent)
             self._require_store("persist")
             self._check_idle(a, "persisted")
+            if not a.ids:
+                raise PoolError(f"agent {agent!r} has no tokens with KV yet; run a turn first")
             if not a.resident:
                 if a.card_id is None or a.stored < len(a.ids):
                     raise PoolError(f"agent {agent!r} is not resident and the store lacks some of its tokens")
