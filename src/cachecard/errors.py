@@ -102,3 +102,19 @@ class UnsupportedStateError(CacheCardError, ValueError):
 class ProfileError(CacheCardError, ValueError):
     """A model's sensitivity profile (``cachecard calibrate``) cannot be read, or calibration cannot run
     (a model path, a calibration text or a setting that does not work)."""
+
+
+class PoolError(CacheCardError):
+    """A block pool of resident agents (``cachecard.pool``) cannot do what was asked."""
+
+
+class PoolBudgetError(PoolError, MemoryError):
+    """The pool's byte budget cannot hold what was asked (an agent's active context, a batch, or any more
+    tokens once every other agent is pinned or cannot be evicted). Nothing resident was lost."""
+
+
+class UnknownAgentError(PoolError, KeyError):
+    """The pool holds no agent of that name (add it, or attach it from the store)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return Exception.__str__(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import zarr
@@ -20,10 +21,17 @@ from cachecard.codecs.base import ChunkContext, KVCodec
 _WORKERS = min(8, os.cpu_count() or 1)
 
 
-def write_kv_shard(z: zarr.Array, data: np.ndarray, positions: np.ndarray, which: str) -> None:
+# (which, layer, token_start, valid_tokens, chunk_tokens) -> one inner chunk's serializer payload
+Payloads = Callable[[str, int, int, int, int], bytes]
+
+
+def write_kv_shard(z: zarr.Array, data: np.ndarray, positions: np.ndarray, which: str,
+                   payloads: Payloads | None = None) -> None:
     """Encode ``data`` (L, H, T, D, storage dtype) into the single shard of card array ``z`` and store it.
 
-    ``positions`` holds the RoPE position of each of the T tokens.
+    ``positions`` holds the RoPE position of each of the T tokens. ``payloads``, when given, supplies every
+    inner chunk's serializer payload already encoded (a runtime that holds the codec's bytes, e.g. a block
+    pool of quantized KV): ``data`` is then not encoded.
     """
     geo = _zarr.shard_geometry(z)
     L, H, T, D = data.shape
@@ -36,6 +44,8 @@ def write_kv_shard(z: zarr.Array, data: np.ndarray, positions: np.ndarray, which
 
     def encode(coords: tuple[int, ...]) -> tuple[tuple[int, ...], bytes]:
         layer, _, j, _ = coords
+        if payloads is not None:
+            return coords, bytes(payloads(which, layer, j * c, max(0, min(c, T - j * c)), c))
         block = padded[layer:layer + 1, :, j * c:(j + 1) * c]
         if isinstance(serializer, KVCodec):
             ctx = ChunkContext(layer=layer, which=which, token_start=j * c,  # type: ignore[arg-type]

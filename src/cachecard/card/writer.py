@@ -14,7 +14,7 @@ from cachecard.card import _zarr, keyed, layout, objects
 from cachecard.codecs import pipeline
 from cachecard.errors import KVShapeError
 from cachecard.kv import CanonicalKV, token_ids
-from cachecard.card.shard_write import write_kv_shard
+from cachecard.card.shard_write import Payloads, write_kv_shard
 from cachecard.card.locations import ROOT_KEY, Location, writable
 from cachecard.card.root import DIGEST_ATTR, MANIFEST_ATTR
 from cachecard.manifest import (
@@ -40,6 +40,7 @@ def write_card(
     storage_options: dict[str, Any] | None = None,
     card_id: str | None = None,
     key: keyed.StoreKey = None,
+    payloads: Payloads | None = None,
 ) -> CardManifest:
     """Write ``kv`` for ``tokens`` as a new card at ``location`` and return its manifest.
 
@@ -67,6 +68,11 @@ def write_card(
     key
         The store key for keyed tamper evidence (spec §7.4): the card then carries an HMAC of its manifest
         that readers holding the key check. Default: ``$CACHECARD_KEY`` if set, else none.
+    payloads
+        ``(which, layer, token_start, valid_tokens, chunk_tokens) -> bytes``: every K/V inner chunk's
+        serializer payload, already encoded (the write-side mirror of ``Card.read_encoded``, for runtimes that
+        hold a codec's bytes and must not re-quantize). Rows past ``valid_tokens`` are padding. ``kv`` then only
+        gives shapes and dtype; the caller vouches that the payloads are the preset's serializer bytes.
 
     The card is format 1.3: its manifest lists every object with its size and SHA-256 (the object table).
     """
@@ -115,7 +121,7 @@ def write_card(
             )
             if arr.size:
                 data.expect_shard(objects.shard_key(which), kv.num_layers * (z.shards[2] // chunk))
-                write_kv_shard(z, arr.view(storage), pos_all, which)
+                write_kv_shard(z, arr.view(storage), pos_all, which, payloads)
         _write_ids(data, "tokens", ids)
         if pos is not None:
             _write_ids(data, "positions", pos)

@@ -28,6 +28,7 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from cachecard.card import layout
 from cachecard.card.reader import Card, open_card
+from cachecard.card.shard_write import Payloads
 from cachecard.card.writer import write_card
 from cachecard.errors import CacheCardError, CardExistsError, CorruptCardError, StoreError
 from cachecard.kv import CanonicalKV
@@ -191,7 +192,7 @@ class StoreObjects:
 
     def write_card(self, card_id: str, kv: CanonicalKV, tokens: np.ndarray, model: ModelIdentity, *,
                    codec: str | tuple[str, str], chunk_tokens: int = layout.DEFAULT_CHUNK_TOKENS,
-                   parent: ParentRef | None) -> CardManifest:
+                   parent: ParentRef | None, payloads: Payloads | None = None) -> CardManifest:
         """Write a new card (data first, manifest last; on an object store every object create-only)."""
         where: Any = self.card_location(card_id)
         if self.remote:
@@ -199,7 +200,7 @@ class StoreObjects:
         with self.service(f"writing card {card_id}"):
             try:
                 return write_card(where, kv, tokens, model, codec=codec, chunk_tokens=chunk_tokens, parent=parent,
-                                  card_id=card_id, storage_options=self.options or None)
+                                  card_id=card_id, storage_options=self.options or None, payloads=payloads)
             except (FileExistsError, ContainsArrayError, ContainsGroupError) as e:
                 if isinstance(e, CacheCardError):
                     raise

@@ -13,16 +13,17 @@ from cachecard.kv import CanonicalKV
 from cachecard.kvstore.index import CardRecord, Index, IndexEntry, PutPlan
 from cachecard.kvstore.names import os_error
 from cachecard.kvstore.objects import StoreObjects
+from cachecard.card.shard_write import Payloads
 from cachecard.kvstore.prefix import SequenceKeys
 from cachecard.manifest import ModelIdentity, ParentRef
 
 
 def put(objects: StoreObjects, index: Index, kv: CanonicalKV, ids: np.ndarray, keys: SequenceKeys,
         model: ModelIdentity, *, agent: str, codec: str | tuple[str, str],
-        chunk_tokens: int = layout.DEFAULT_CHUNK_TOKENS, share: bool = True) -> str:
+        chunk_tokens: int = layout.DEFAULT_CHUNK_TOKENS, share: bool = True, payloads: Payloads | None = None) -> str:
     """Store ``kv`` of the whole sequence ``ids`` (checked already) for ``agent``; return the card id. With
     ``share``, the longest cached prefix of the same codecs is reused and a sequence stored already only gains
-    the agent's reference."""
+    the agent's reference. ``payloads`` (encoded chunks, see ``write_card``) speaks in indices of ``ids``."""
     codecs = (codec, codec) if isinstance(codec, str) else (codec[0], codec[1])
     for _attempt in range(8):
         plan = index.plan_put(keys, codecs, agent, share=share, new_id=uuid.uuid4().hex)
@@ -36,10 +37,13 @@ def put(objects: StoreObjects, index: Index, kv: CanonicalKV, ids: np.ndarray, k
         raise StoreError("could not place the card: other processes kept deleting its prefix; try again")
     card_id, parent = plan.card_id, plan.parent
     p = parent.tokens if parent else 0
+    shifted = None if payloads is None else (  # the card starts after the reused prefix
+        lambda which, layer, start, valid, c: payloads(which, layer, p + start, valid, c))
     try:
         manifest = objects.write_card(
             card_id, CanonicalKV(kv.k[:, :, p:], kv.v[:, :, p:]), ids[p:], model, codec=codec,
-            chunk_tokens=chunk_tokens, parent=ParentRef(card_id=parent.card_id, tokens=p) if parent else None)
+            chunk_tokens=chunk_tokens, parent=ParentRef(card_id=parent.card_id, tokens=p) if parent else None,
+            payloads=shifted)
         nbytes = objects.card_bytes(card_id)
         objects.write_ref(agent, card_id)
     except BaseException as e:

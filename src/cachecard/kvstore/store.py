@@ -25,6 +25,7 @@ import numpy as np
 
 from cachecard.card import layout
 from cachecard.card.reader import Card
+from cachecard.card.shard_write import Payloads
 from cachecard.card.writer import _check_kv_matches_model as check_kv_matches_model  # the writer's own rule
 from cachecard.errors import (
     CardNotFoundError, CorruptCardError, IdentityMismatchError, IncompleteCardError, KVShapeError, StoreError,
@@ -127,12 +128,14 @@ class Store:
     # -- put ----------------------------------------------------------------------------------------------
     def put(self, kv: CanonicalKV, tokens: Sequence[int] | np.ndarray, model: ModelIdentity, *, agent: str,
             codec: str | tuple[str, str] = "lossless", chunk_tokens: int = layout.DEFAULT_CHUNK_TOKENS,
-            share: bool = True) -> str:
+            share: bool = True, payloads: Payloads | None = None) -> str:
         """Save ``kv`` (all of ``tokens``, every layer) for ``agent``; return the card id that holds it.
 
         With ``share`` (the default) the longest cached prefix of ``tokens`` (same model and codec presets,
         any agent) is reused through a parent reference and only the tokens after it are written; if the
         whole sequence is already a card, no data is written and the agent just gains a reference to it.
+        ``payloads`` (see ``write_card``) gives chunks already encoded; its token indices count from the start
+        of ``tokens``, whatever prefix the store reuses.
         """
         check_agent(agent)
         ids = token_ids(tokens)  # also a (1, T) batch of one
@@ -145,7 +148,7 @@ class Store:
         check_kv_matches_model(kv, model)  # also when the sequence is stored already: a wrong KV is an error
         keys = keys_of(model_key(model), ids, self.block_tokens)
         return puts.put(self.objects, self.index, kv, ids, keys, model, agent=agent, codec=codec,
-                        chunk_tokens=chunk_tokens, share=share)
+                        chunk_tokens=chunk_tokens, share=share, payloads=payloads)
 
     # -- match --------------------------------------------------------------------------------------------
     def match(self, tokens: Sequence[int] | np.ndarray, model: ModelIdentity, agent: str | None = None) -> Match | None:
