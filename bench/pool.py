@@ -2,6 +2,7 @@
 
     nice .venv/bin/python bench/pool.py              # 10 agents x 4K (2K shared), SmolLM2-135M fp32, CPU
     .venv/bin/python bench/pool.py --quick           # a small version of the same (minutes)
+    nice .venv/bin/python bench/pool.py --q4 q4 --out bench/results/pool-q4.json   # (c), (d) in MLX affine q4
     python bench/pool.py --device cuda               # Llama-3.1-8B-shaped random bf16 model (no perplexity)
 
 Writes bench/results/pool.json (bench/results/pool-quick.json with --quick) and a PNG beside it.
@@ -14,14 +15,15 @@ exactly ``budget_agents`` (3) agents at their final length in fp16. Configuratio
 
 (a) no persistence: fp16 resident, no store; an evicted agent is recomputed when it comes back;
 (b) fp16 resident, evictions to fp16 cards and reloads from them;
-(c) q4 (MLX affine 4-bit, fp16 scales: 4.5 bits) resident, q4 cards;
+(c) a 4-bit codec resident, cards of the same codec (``--q4``: ``turbo4``, rotation + 4-bit Lloyd-Max, 4.25
+    bits, by default; ``q4``, MLX affine 4-bit with fp16 scales, 4.5 bits; ``q4_0``);
 (d) (c) with shared prefix blocks.
 
 Reported per configuration: agents resident at once (the most seen, and how many agents of the final length
 the budget holds), bytes per resident agent, setup and workflow time (the rounds; setup is when each agent
 reads its context), TTFT p50/p95 over the rounds' turns, evictions/reloads/re-prefills, and the perplexity of
 each round's new tokens (teacher-forced, all but each turn's first) and its drift from (a). Then 15 agents
-sharing one ``context``-token context in q4: their resident bytes against one agent's plus their suffixes.
+sharing one ``context``-token context in the 4-bit codec: their resident bytes against one agent's plus their suffixes.
 """
 
 from __future__ import annotations
@@ -182,14 +184,14 @@ def run_config(key: str, model, ident, ctx, turns, p: dict, budget: int, device:
     return row
 
 
-def sharing_check(model, ident, corpus, p: dict, device: str) -> dict:
-    """``sharers`` agents over one ``context``-token context, q4 with shared blocks: their resident bytes
-    against one agent's context plus each one's own suffix."""
+def sharing_check(model, ident, corpus, p: dict, device: str, codec: str) -> dict:
+    """``sharers`` agents over one ``context``-token context, ``codec`` with shared blocks: their resident
+    bytes against one agent's context plus each one's own suffix."""
     ctx = corpus[:p["context"]].tolist()
     suffix = p["turn"]
-    per_token = block_bytes(ident, "q4") / BLOCK
+    per_token = block_bytes(ident, codec) / BLOCK
     need = blocks_for(p["context"]) + p["sharers"] * (blocks_for(suffix) + 2)
-    pool = BlockPool(ident, budget_bytes=need * block_bytes(ident, "q4"), codec="q4", block_tokens=BLOCK,
+    pool = BlockPool(ident, budget_bytes=need * block_bytes(ident, codec), codec=codec, block_tokens=BLOCK,
                      device=device)
     pool.add("reader")
     take_turn(pool, model, "reader", ctx, generate=0)
@@ -252,7 +254,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a small run: " + json.dumps(QUICK))
     ap.add_argument("--device", default="cpu", help="cpu (SmolLM2) or cuda (Llama-3.1-8B shape, random weights)")
     ap.add_argument("--configs", default="abcd")
-    ap.add_argument("--q4", default="q4", help="the 4-bit resident codec of (c) and (d): q4 (MLX affine) or q4_0")
+    ap.add_argument("--q4", default="turbo4", help="the 4-bit resident codec of (c) and (d): turbo4 (rotation + "
+                    "Lloyd-Max, 4.25 bits), q4 (MLX affine, 4.5 bits) or q4_0")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=N",
                     help="override a workflow parameter, e.g. --set agents=6 --set context=2048")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 cores shared with other jobs: 1)")
@@ -279,7 +282,7 @@ def main() -> None:
         for key in args.configs:
             res["configs"].append(run_config(key, model, ident, ctx, turns, p, budget, args.device, Path(tmp),
                                              reference=not args.no_reference and args.device == "cpu", q4=args.q4))
-    res["sharing"] = sharing_check(model, ident, corpus, p, args.device) if p["sharers"] else None
+    res["sharing"] = sharing_check(model, ident, corpus, p, args.device, args.q4) if p["sharers"] else None
     by = {r["config"]: r for r in res["configs"]}
     if {"a", "b", "c", "d"} <= set(by):
         a = by["a"]

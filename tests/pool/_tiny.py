@@ -15,7 +15,7 @@ from cachecard.pool.codecs import ResidentCodec  # noqa: E402
 from cachecard.pool.hf import PoolCache  # noqa: E402
 
 VOCAB = 256
-CODECS = ["fp32", "fp16", "q8_0", "q4_0", "q4"]
+CODECS = ["fp32", "fp16", "q8_0", "q4_0", "q4", "turbo4"]
 
 
 class _Tok:

@@ -69,10 +69,20 @@ def test_sizes_and_refusals():
     assert ResidentCodec("fp16", 64).row_bytes == 128
     assert ResidentCodec("q4", 64).row_bytes == 36 == ResidentCodec("q4_0", 64).row_bytes  # 4.5 bits per value
     assert ResidentCodec("q8_0", 64).row_bytes == 68
+    assert ResidentCodec("turbo4", 64).row_bytes == 34  # 4.25 bits per value: a float16 gain + 64 4-bit codes
     with pytest.raises(UnsupportedCodecError, match="unknown resident codec 'q3'"):
         ResidentCodec("q3", 64)
     with pytest.raises(KVShapeError, match="multiple of 64"):
         ResidentCodec("q4", 32)
+
+
+def test_turbo4_rows_are_the_turbo4_presets_codec():
+    from cachecard.codecs.presets import preset
+
+    c = ResidentCodec("turbo4", 64)
+    for planner in (preset("turbo4").k, preset("turbo4").v):
+        assert c.matches_card(planner(None, None).serializer, "float32")
+    assert not c.matches_card(preset("turbo3").k(None, None).serializer, "float32")
 
 
 def test_affine_rows_are_what_mx_quantize_returns():

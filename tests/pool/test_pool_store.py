@@ -48,7 +48,7 @@ def test_evicting_to_the_store_and_reloading_changes_nothing(tiny, tmp_path, cod
     assert {c.codecs for c in store.cards()} == {(tight.codec.card_preset,) * 2}
 
 
-@pytest.mark.parametrize("codec", ["q4", "q8_0", "q4_0"])
+@pytest.mark.parametrize("codec", ["q4", "q8_0", "q4_0", "turbo4"])
 def test_a_reloaded_agent_holds_the_very_bytes_it_was_evicted_with(tiny, tmp_path, codec):
     model, ident = tiny
     pool = pool_of(ident, codec, 400, store=Store(tmp_path / "s"), share_prefixes=False)

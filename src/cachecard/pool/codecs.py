@@ -9,6 +9,10 @@ into each other by slicing bytes, never by re-quantizing:
 - ``q4`` / ``mlx8``: MLX affine groups of 64 (presets ``q4`` / ``mlx8``): the packed codes (uint32 words),
   then the scale and then the bias of each group, in ``scale_dtype``. A card chunk holds the same three parts
   as sections (spec/codecs/mlx_affine.md: header, every packed word, every scale, every bias).
+- ``turbo4``: randomized Hadamard rotation + 4-bit Lloyd-Max codes + one float16 gain per vector (preset
+  ``turbo4``, 4.25 bits per value): the gain, then the packed codes. A card chunk holds every gain, then every
+  vector's codes (spec/codecs/turbo.md). The rotation spreads a K head's outlier channels over the vector, so
+  at fewer bits it errs half as much on K as ``q4`` (SmolLM2: relative MSE 0.0085 against 0.018).
 
 numpy encoding and decoding are the card codecs' own (``cachecard.codecs``); the torch decoders run on the
 device and are held equal to them by tests.
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cachecard.codecs import presets
 from cachecard.codecs.base import NO_CONTEXT, KVCodec, to_float32
 from cachecard.codecs.mlx_affine import HEADER, MLXAffineCodec, scale_type_of
 from cachecard.codecs.q4_0 import Q4_0Codec
@@ -36,10 +41,12 @@ RESIDENT_CODECS: dict[str, tuple[str, str]] = {
     "fp32": ("float", "lossless"), "fp16": ("float", "lossless"), "bf16": ("float", "lossless"),
     "q8_0": ("ggml", "q8"), "q4_0": ("ggml", "q4_0"),
     "q4": ("affine", "q4"), "mlx8": ("affine", "mlx8"),
+    "turbo4": ("turbo", "turbo4"),
 }
 _FLOAT_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _AFFINE_BITS = {"q4": 4, "mlx8": 8}
 AFFINE_GROUP = 64
+TURBO_GAIN_BYTES = 2  # one float16 gain per vector
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,8 @@ class ResidentCodec:
     Parameters
     ----------
     name
-        ``fp32``, ``fp16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4`` (MLX affine 4-bit, group 64) or ``mlx8``.
+        ``fp32``, ``fp16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4`` (MLX affine 4-bit, group 64), ``mlx8`` or
+        ``turbo4`` (rotation + 4-bit Lloyd-Max).
     head_dim
         Values per vector.
     scale_dtype
@@ -73,6 +81,8 @@ class ResidentCodec:
             ser = Q8_0Codec() if self.name == "q8_0" else Q4_0Codec()
         elif self.kind == "affine":
             ser = MLXAffineCodec(bits=_AFFINE_BITS[self.name], group_size=AFFINE_GROUP)
+        elif self.kind == "turbo":  # the preset's own codec (its seed), so its cards hold these rows
+            ser = presets.preset(self.card_preset).k(None, None).serializer
         if ser is not None:
             ser.check_head_dim(self.head_dim)  # KVShapeError naming the constraint
         object.__setattr__(self, "_serializer", ser)
@@ -114,6 +124,8 @@ class ResidentCodec:
             return d * NUMPY_DTYPES[self.card_dtype].itemsize
         if self.kind == "ggml":
             return d // 32 * (34 if self.name == "q8_0" else 18)
+        if self.kind == "turbo":
+            return TURBO_GAIN_BYTES + d * self._serializer.config.bits // 8
         return d * self.bits // 8 + 2 * (d // AFFINE_GROUP) * self._scale_np.itemsize
 
     @property
@@ -141,6 +153,9 @@ class ResidentCodec:
         if self.kind == "ggml":
             raw = self._serializer.encode_array(x32, NO_CONTEXT)
             return np.frombuffer(raw, np.uint8).reshape(*lead, self.row_bytes)
+        if self.kind == "turbo":
+            raw = self._serializer.encode_array(x32, NO_CONTEXT)
+            return self.payload_to_rows(np.frombuffer(raw, np.uint8), x32.shape[0]).reshape(*lead, self.row_bytes)
         raw = self._serializer.encode_array(x32, NO_CONTEXT, scale_type=scale_type_of(self._scale_np))
         return self.payload_to_rows(np.frombuffer(raw, np.uint8), x32.shape[0]).reshape(*lead, self.row_bytes)
 
@@ -161,6 +176,8 @@ class ResidentCodec:
     def rows_to_payload(self, rows: np.ndarray) -> np.ndarray:
         """Rows ``(M, row_bytes)`` in (head, token) order -> the card chunk payload of those M vectors."""
         rows = np.ascontiguousarray(rows)
+        if self.kind == "turbo":  # every gain, then every vector's codes
+            return np.concatenate([rows[:, :TURBO_GAIN_BYTES].reshape(-1), rows[:, TURBO_GAIN_BYTES:].reshape(-1)])
         if self.kind != "affine":
             return rows.reshape(-1)
         p, s = self._affine_split()
@@ -173,6 +190,11 @@ class ResidentCodec:
         """A card chunk payload of ``m`` vectors -> rows ``(m, row_bytes)``; None when the payload is not this
         codec's (another scale type, size or configuration): decode such chunks instead."""
         payload = np.asarray(payload, dtype=np.uint8).reshape(-1)
+        if self.kind == "turbo":
+            if payload.size != m * self.row_bytes:
+                return None
+            g = m * TURBO_GAIN_BYTES
+            return np.concatenate([payload[:g].reshape(m, -1), payload[g:].reshape(m, -1)], axis=1)
         if self.kind != "affine":
             return payload.reshape(m, self.row_bytes) if payload.size == m * self.row_bytes else None
         p, s = self._affine_split()
@@ -229,4 +251,4 @@ class ResidentCodec:
         return torch_rows.decode(self, rows, dtype)
 
 
-__all__ = ["AFFINE_GROUP", "RESIDENT_CODECS", "ResidentCodec"]
+__all__ = ["AFFINE_GROUP", "RESIDENT_CODECS", "TURBO_GAIN_BYTES", "ResidentCodec"]

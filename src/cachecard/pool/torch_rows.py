@@ -15,6 +15,8 @@ import torch
 
 from cachecard.codecs.mlx_affine import EPS
 
+from cachecard.pool.codecs import TURBO_GAIN_BYTES
+
 if TYPE_CHECKING:
     from cachecard.pool.codecs import ResidentCodec
 
@@ -26,6 +28,11 @@ def encode(codec: ResidentCodec, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     if codec.kind == "float":
         return x.to(TORCH_DTYPES[codec.card_dtype]).contiguous().view(torch.uint8).reshape(*lead, codec.row_bytes)
+    if codec.kind == "turbo":
+        # On the host with the card codec itself: its float32 norms and gains are numpy sums in numpy's order,
+        # which a torch reduction would not reproduce to the bit (spec/codecs/turbo.md: encoders may differ).
+        rows = codec.encode_np(x.detach().float().cpu().numpy())
+        return torch.from_numpy(rows).to(x.device)
     # the values in the card's element type first, as ResidentCodec.encode_np
     x = x.detach().to(TORCH_DTYPES[codec.card_dtype]).float().reshape(-1, codec.head_dim)
     rows = _ggml(x, codec.name) if codec.kind == "ggml" else _affine(x, codec)
@@ -77,6 +84,11 @@ def decode(codec: ResidentCodec, rows: torch.Tensor, dtype: torch.dtype) -> torc
         return rows.contiguous().view(TORCH_DTYPES[codec.card_dtype]).reshape(*lead, d).to(dtype)
     if codec.kind == "ggml":
         return codec.serializer.decode_torch(rows.reshape(-1), (*lead, d)).to(dtype)
+    if codec.kind == "turbo":  # the card layout (every gain, then every vector's codes) for the card decoder
+        flat = rows.reshape(-1, codec.row_bytes)
+        g = TURBO_GAIN_BYTES
+        payload = torch.cat([flat[:, :g].reshape(-1), flat[:, g:].reshape(-1)])
+        return codec.serializer.decode_torch(payload, (*lead, d)).to(dtype)
     p = d * codec.bits // 8
     s = (d // 64) * torch.empty((), dtype=TORCH_DTYPES[codec.scale_dtype]).element_size()
     sdt = TORCH_DTYPES[codec.scale_dtype]
