@@ -97,6 +97,7 @@ class PoolCache(Cache):
         self._kept: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * pool.identity.num_layers
         self._fresh: list[tuple | None] = [None] * pool.identity.num_layers  # last forward's rows, batch mode
         self._plan: Forward | None = None
+        self._rollbacks_seen = 0
 
     # -- driving it ------------------------------------------------------------------------------------------
     def feed(self, new_tokens: Sequence[Sequence[int]], *, reserve: int = 0) -> dict[str, Any]:
@@ -158,6 +159,10 @@ class PoolCache(Cache):
                             "agents, one row each (beam search and num_return_sequences > 1 are not supported)")
         if layer_idx == 0:
             self._plan = self.session.begin_forward(key_states.shape[2])
+            if self.session.rollbacks != self._rollbacks_seen:  # a forward died midway: rebuild from the pool
+                self._rollbacks_seen = self.session.rollbacks
+                self._kept = [None] * len(self._kept)
+                self._fresh = [None] * len(self._fresh)
         f = self._plan
         if f is None:
             raise PoolError(f"layer {layer_idx} ran before layer 0 in this forward")

@@ -170,6 +170,7 @@ class BlockPool:
         with self.lock:
             a = self._get(src)
             self._check_idle(a, "forked")
+            self._check_known(a)  # ids generate() produced and record() was not told would be unknown twice
             if dst in self._agents:
                 raise PoolError(f"agent {dst!r} is already in the pool")
             b = _Agent(dst, ids=list(a.ids), pending=list(a.pending), blocks=list(a.blocks), resident=a.resident,
@@ -321,7 +322,7 @@ class BlockPool:
                 have = a.blocks if a.resident and a.ids else \
                     residency.shared_prefix(self, (a.ids + a.pending + n)[:-1])[0]
                 held.update(have)
-                extra += max(0, self.blocks_for(t) - len(have))
+                extra += max(0, self.blocks_for(t) - len(have)) + (self._shared_in_write(a) if have is a.blocks else 0)
             if len(held) + extra > self.alloc.total:
                 raise PoolBudgetError(f"the batch of {len(agents)} agents needs {len(held) + extra} blocks; the "
                                       f"budget holds {self.alloc.total}. Run fewer agents at once")
@@ -332,7 +333,8 @@ class BlockPool:
                     self._register(a)
                     if not a.resident or not a.ids:
                         residency.make_resident(self, a, keep=agents)
-                missing = sum(max(0, self.blocks_for(t) + 1 - len(a.blocks)) for a, t in zip(agents, totals))
+                missing = sum(max(0, self.blocks_for(t) - len(a.blocks)) + self._shared_in_write(a)
+                              for a, t in zip(agents, totals))
                 self._make_room(missing, keep=agents)
             except BaseException:
                 for a, n in zip(agents, new):
@@ -351,20 +353,25 @@ class BlockPool:
         a.hashes = a.hashes[:len(seq) // self.block_tokens]
         a.stored = min(a.stored, len(seq))
 
+    def _shared_in_write(self, a: _Agent) -> int:
+        """Blocks the agent's next tokens would be written into that another agent also holds (copy on write:
+        each needs a fresh block). Only a partial last block can be one: full blocks are never written."""
+        first = len(a.ids) // self.block_tokens
+        return sum(1 for b in a.blocks[first:] if self.alloc.refs[b] > 1)
+
     def _append(self, a: _Agent, ids: list[int], keep: Sequence[_Agent]) -> tuple[np.ndarray, np.ndarray]:
-        """Room for ``len(ids)`` more tokens of a resident agent (copy on write of a shared last block, new
-        blocks, evicting others if needed); returns their (block, offset) slots."""
+        """Room for ``len(ids)`` more tokens of a resident agent (copy on write of every shared block in the
+        range written, new blocks, evicting others if needed); returns their (block, offset) slots."""
         with self.lock:
             n0, bt = len(a.ids), self.block_tokens
-            partial = n0 % bt != 0
             grow = self.blocks_for(n0 + len(ids)) - len(a.blocks)
-            cow = partial and self.alloc.refs[a.blocks[-1]] > 1 and len(ids) > 0
-            self._make_room(grow + cow, keep=keep)
-            if cow:
+            shared = [i for i in range(n0 // bt, len(a.blocks)) if self.alloc.refs[a.blocks[i]] > 1] if ids else []
+            self._make_room(max(0, grow) + len(shared), keep=keep)
+            for i in shared:
                 (fresh,) = self.alloc.allocate(1)
-                self.arena.copy_block(a.blocks[-1], fresh)
-                self.alloc.decref([a.blocks[-1]])
-                a.blocks[-1] = fresh
+                self.arena.copy_block(a.blocks[i], fresh)
+                self.alloc.decref([a.blocks[i]])
+                a.blocks[i] = fresh
             if grow > 0:
                 a.blocks += self.alloc.allocate(grow)
             a.ids += ids

@@ -68,6 +68,7 @@ class Session:
         self._started = False
         self._forward: Forward | None = None
         self._layers_done = 0
+        self.rollbacks = 0  # forwards taken back (a runtime's workspaces of this batch are stale after one)
         self.closed = False
 
     @property
@@ -124,13 +125,13 @@ class Session:
         self._settle()
         if not self._started:
             raise PoolError("feed the batch (feed(...)) before running the model on it")
-        queued = None
+        queued = rest = None
         if self._queue is not None and self._queue[0].shape[1]:
             mask, ids = self._queue
             if q > mask.shape[1]:
                 raise PoolError(f"the model ran {q} columns; {mask.shape[1]} were fed")
             queued = (mask[:, :q], ids[:, :q])
-            self._queue = (mask[:, q:], ids[:, q:])
+            rest = (mask[:, q:], ids[:, q:])  # the queue advances only once the slots are there
             mask, ids = queued
         else:
             mask = np.ones((self.batch, q), dtype=bool)
@@ -141,16 +142,22 @@ class Session:
         before = [len(a.ids) for a in self.agents]
         pool = self.pool
         with pool.lock:
-            # room for every row first, so a full budget fails before any agent changed
-            grow = sum(pool.blocks_for(len(a.ids) + int(mask[b].sum())) - len(a.blocks) + 1
-                       for b, a in enumerate(self.agents))
-            pool._make_room(grow, keep=self.agents)
-            for b, a in enumerate(self.agents):
-                at = new_b == b
-                slot_b[at], slot_o[at] = pool._append(a, ids[b][mask[b]].tolist(), keep=self.agents)
-                a.busy = True
+            try:
+                # room for every row first, so a full budget fails before any agent changed
+                grow = sum(pool.blocks_for(len(a.ids) + int(mask[b].sum())) - len(a.blocks)
+                           + pool._shared_in_write(a) for b, a in enumerate(self.agents))
+                pool._make_room(grow, keep=self.agents)
+                for b, a in enumerate(self.agents):
+                    at = new_b == b
+                    slot_b[at], slot_o[at] = pool._append(a, ids[b][mask[b]].tolist(), keep=self.agents)
+                    a.busy = True
+            except BaseException:
+                self._take_back(before)  # agents appended to before the failure
+                raise
             tables = [np.asarray(a.blocks, dtype=np.int64) for a in self.agents]
             lens = [len(a.ids) for a in self.agents]
+        if rest is not None:
+            self._queue = rest
         width_before = self.width
         self.colmask = np.concatenate([self.colmask, mask], axis=1)
         self.width += q
@@ -179,16 +186,27 @@ class Session:
         f = self._forward
         if f is None:
             return
-        with self.pool.lock:
-            for a, n in zip(self.agents, f.before):
-                del a.ids[n:]
-                a.hashes = a.hashes[:n // self.pool.block_tokens]
-                a.busy = False
+        self._take_back(f.before)
+        self.rollbacks += 1
         self.colmask = self.colmask[:, :f.width_before]
         self.width = f.width_before
         if f.queued is not None and self._queue is not None:
             self._queue = tuple(np.concatenate([x, y], axis=1) for x, y in zip(f.queued, self._queue))
         self._forward = None
+
+    def _take_back(self, before: Sequence[int]) -> None:
+        """Agents back to ``before[b]`` tokens: their later ids and the blocks past their tokens go (a block
+        left past an agent's tokens would be shared by a fork and then written by both)."""
+        pool = self.pool
+        with pool.lock:
+            for a, n in zip(self.agents, before):
+                del a.ids[n:]
+                a.hashes = a.hashes[:n // pool.block_tokens]
+                keep = pool.blocks_for(n) if a.resident else 0
+                if len(a.blocks) > keep:
+                    pool.alloc.decref(a.blocks[keep:])
+                    del a.blocks[keep:]
+                a.busy = False
 
     # -- after generation ------------------------------------------------------------------------------------
     def record(self, generated: Sequence[Sequence[int]]) -> None:
