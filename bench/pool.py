@@ -158,7 +158,7 @@ def run_config(key: str, model, ident, ctx, turns, p: dict, budget: int, device:
             per_round[-1]["ppl_full_precision_same_tokens"] = math.exp(ref[r] / n)
             per_round[-1]["drift_pct_same_tokens"] = 100 * (math.exp((nll - ref[r]) / n) - 1)
     final = p["context"] + p["rounds"] * (p["turn"] + p["generate"])
-    own_blocks = blocks_for(final) + 1  # + the block a turn may need to copy or open
+    own_blocks = blocks_for(final)  # copy on write needs a block only after a fork (none here)
     shared_blocks = p["shared"] // BLOCK if share else 0
     total_blocks = pool.alloc.total
     fit = (total_blocks - shared_blocks) // (own_blocks - shared_blocks)
@@ -274,7 +274,7 @@ def main() -> None:
     ident = hf.identity_of(model)
     ctx, turns = streams(corpus, p)
     final = p["context"] + p["rounds"] * (p["turn"] + p["generate"])
-    budget = p["budget_agents"] * (blocks_for(final) + 1) * block_bytes(ident, "fp16")
+    budget = p["budget_agents"] * blocks_for(final) * block_bytes(ident, "fp16")
     res = {"setup": {"model": what, "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "block_tokens": BLOCK, "workspace": "batch", "exact_fresh": True, "q4_codec": args.q4,
                      "budget_bytes": budget, **p}, "configs": []}
