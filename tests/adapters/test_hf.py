@@ -255,7 +255,7 @@ def test_sliding_window_layers(tmp_path):
     assert torch.equal(_generate(model, ids + [5, 6], past_key_values=cache), _generate(model, ids + [5, 6]))
 
 
-@pytest.mark.parametrize("preset", ["q8", "q4_0", "q4_1", "lossless", "q4", "zstd"])
+@pytest.mark.parametrize("preset", ["q8", "q4_0", "q4_1", "lossless", "q4", "zstd", "gpu3"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_device_read_equals_host_read(tmp_path, preset, dtype):
     """The torch restore path (block codecs decoded by torch in one call) gives the reader's values."""

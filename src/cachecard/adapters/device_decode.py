@@ -105,7 +105,7 @@ def decode_chunks_torch(raw: torch.Tensor, table: ChunkTable, serializer: object
         return
     kind = kind_of(serializer, storage)
     st = _STORAGE_TORCH[storage]
-    if len(set(table.nbytes.tolist())) > 1:  # chunks of different sizes (rotq): one at a time
+    if kind == ROTQ or len(set(table.nbytes.tolist())) > 1:  # rotq chunks (sizes vary): one at a time
         rel = table.payload_offsets().tolist()
         x = torch.stack([serializer.decode_torch(  # type: ignore[attr-defined]
             raw[a:a + int(nb) - 4], (1, H, c, D))[0] for a, nb in zip(rel, table.nbytes)]).to(st)
