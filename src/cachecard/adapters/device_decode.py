@@ -37,9 +37,10 @@ except ImportError:  # CPU-only installs: the torch path serves
 
 
 ROTQ = (6, 0, 0)  # cachecard.rotq: chunks of varying size, decoded by cachecard.adapters.device_rotq
-# The fused rotq kernel has not run on a GPU yet (its first run failed before launching, on a renamed table):
-# until tests/adapters/test_device_decode.py passes on one, rotq cards decode on the device through the codec's
-# own torch ops (bit-identical to numpy, tested) unless CACHECARD_ROTQ_KERNEL=1.
+# The fused rotq kernel has not run on GPU hardware yet (its first run failed before launching, on a renamed
+# table; CI runs it under Triton's CPU interpreter, bit-exact for float16/float32: test_kernels_interpreted.py).
+# Until tests/adapters/test_device_decode.py passes on a GPU, rotq cards decode on the device through the
+# codec's own torch ops (bit-identical to numpy, tested) unless CACHECARD_ROTQ_KERNEL=1.
 ROTQ_KERNEL = os.environ.get("CACHECARD_ROTQ_KERNEL") == "1"
 
 

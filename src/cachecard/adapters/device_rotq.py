@@ -11,6 +11,8 @@ dtype, and the row written where it belongs. Bit for bit the reference decoder's
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -64,6 +66,12 @@ def parse_headers(host: np.ndarray, table: ChunkTable, chunk_shape: tuple[int, .
             "mean": mean, "pcodes": pcodes, "codes": codes, "scales": scales}
 
 
+# The rotation runs as a tensor-core dot of integer codes (|w| <= 127) and +-1 entries, exact in bfloat16 with a
+# float32 sum. Triton's CPU interpreter (TRITON_INTERPRET=1, how CI runs this kernel) has no bfloat16 dot: it
+# multiplies the raw bits. There the same exact products are taken in float32.
+DOT_DTYPE = torch.float32 if os.environ.get("TRITON_INTERPRET") == "1" else torch.bfloat16
+
+
 def tables(seed: int, D: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(levels by bits, signs, Hadamard matrix, F[j] and 2^k of each of the 256 scale codes) on the device."""
     from cachecard.codecs import _hadamard as hadamard
@@ -74,7 +82,7 @@ def tables(seed: int, D: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         lv[bits, :1 << bits] = rotq.levels(bits)
     sig = hadamard.signs(seed, D).astype(np.int32)
     return (torch.from_numpy(lv.reshape(-1)).to(device), torch.from_numpy(sig).to(device),
-            torch.from_numpy(rotq.sylvester(D).astype(np.float32)).to(device=device, dtype=torch.bfloat16),
+            torch.from_numpy(rotq.sylvester(D).astype(np.float32)).to(device=device, dtype=DOT_DTYPE),
             torch.from_numpy(np.asarray(rotq.FRAC[rotq._J], np.float32)).to(device),  # noqa: SLF001 - the spec's
             torch.from_numpy(np.asarray(rotq._POW2, np.float32)).to(device))  # noqa: SLF001 - j and 2^k per code
 
@@ -121,7 +129,7 @@ if triton is not None:
         code = ((lo | (hi << 8)) >> (bit & 7)[None, :]) & ((1 << bits) - 1)
         uq = tl.load(levels + bits * 16 + code, mask=um, other=0)
         q = tl.where(prot[:, None], pq.to(tl.int32), uq)
-        w = (q * tl.load(signs + i)[None, :]).to(tl.bfloat16)          # |w| <= 127: exact in bfloat16
+        w = (q * tl.load(signs + i)[None, :]).to(hmat.dtype.element_ty)  # |w| <= 127: exact in bfloat16
         h = tl.dot(w, tl.load(hmat + i[:, None] * D + i[None, :]), out_dtype=tl.float32)  # exact integers
         sc = tl.load(raw8 + s_off + g * T + t, mask=live, other=0).to(tl.int32)
         sigma = (ref * tl.load(frac + sc)) * tl.load(pow2 + sc)   # fl(ref * F[j]) * 2^k, exact second product
