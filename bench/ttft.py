@@ -19,9 +19,6 @@ a CUDA graph captured once per process and context length, as a server would). T
 parallel raw read of exactly the bytes the restore reads (same pieces, same threads, page cache -> pinned
 memory, no checksum, no copy), warm or cold; ``h2d_s`` the pinned host -> device copy of those bytes;
 ``step_gpu_s`` the device time of the captured first step. ``vs_limit`` = restore / (limit + step_gpu).
-CPU rows add ``step_s`` (the first step alone, on a cache restored untimed), ``overhead_vs_step`` (restore
-minus that step, over it) and ``fill_s`` (writing a cache of that length in the model's dtype from float16
-values already in memory: the memory-bandwidth floor under any restore on this machine).
 """
 
 from __future__ import annotations
@@ -234,16 +231,6 @@ def bare_step(model, store: Store, prompt: torch.Tensor, agent: str, repeats: in
     return statistics.median(times[1:])
 
 
-def fill_time(model, tokens: int, repeats: int) -> float:
-    """Median seconds to write a ``tokens``-token K/V cache in the model's dtype into new memory from float16
-    values already in memory: what any restore must at least do on this machine (a memory-bandwidth floor)."""
-    cfg = model.config
-    shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, tokens, cfg.hidden_size // cfg.num_attention_heads)
-    src = torch.zeros(shape, dtype=torch.float16)
-    dtype = next(model.parameters()).dtype
-    return timed(lambda: [torch.empty(shape, dtype=dtype).copy_(src) for _ in "kv"], repeats)["median"]
-
-
 def cpu(repeats: int, contexts=CPU_CONTEXTS, codecs=CPU_CODECS) -> list[dict]:
     from cachecard.testing import smollm2
 
@@ -257,10 +244,8 @@ def cpu(repeats: int, contexts=CPU_CONTEXTS, codecs=CPU_CODECS) -> list[dict]:
             r["step_s"] = bare_step(model, store, ids[:, :r["context"] + 1], _agent(r["codec"], r["context"]),
                                     repeats)
             r["overhead_vs_step"] = (r["restore_s"] - r["step_s"]) / r["step_s"]
-            r["fill_s"] = fill_time(model, r["context"], repeats)
             print(f"  {r['context']:6d} {r['codec']:10s}: bare step {r['step_s'] * 1e3:.1f} ms, restore above it "
-                  f"{r['overhead_vs_step'] * 100:.0f}% of it; writing the cache alone {r['fill_s'] * 1e3:.1f} ms",
-                  flush=True)
+                  f"{r['overhead_vs_step'] * 100:.0f}% of it", flush=True)
         store.close()
     return rows
 
