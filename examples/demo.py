@@ -119,7 +119,7 @@ def second_run(model, tok, store, shared: list[int]) -> None:
         console.print(f"           {agent} says: {answer[:150]!r}")
     speedup = sum(r[0] for r in rows) / sum(r[1] for r in rows)
     console.print(f"  overall: the first token comes [bold]{speedup:.1f}x[/bold] sooner by restoring than by "
-                  "prefilling. The README's 21-51x are 1K-4K-token contexts on an idle machine: prefill grows "
+                  "prefilling. The README's 28-80x are 1K-4K-token contexts on an idle machine: prefill grows "
                   "faster with the context than a restore does, and a busy machine slows both")
 
 
