@@ -58,7 +58,7 @@ def unpack_torch(data: torch.Tensor, bits: int, m: int) -> torch.Tensor:
     n = data.shape[0]
     if bits == 8:
         return data[:, :m].long()
-    if 8 % bits == 0:  # whole codes per byte, low bits first: a shift per code slot (25x the bit-by-bit path)
+    if 8 % bits == 0:  # whole codes per byte, low bits first: a shift per code slot (6x the bit-by-bit path)
         mask = (1 << bits) - 1
         parts = [(data >> (k * bits)) & mask for k in range(8 // bits)]
         return torch.stack(parts, dim=-1).reshape(n, -1)[:, :m].long()

@@ -85,7 +85,8 @@ class BlockPool:
     budget_bytes
         Bytes of resident blocks (the arena is allocated once, at this size rounded down to whole blocks).
     codec
-        Resident codec: ``q4`` (MLX affine 4-bit), ``q4_0``, ``q8_0``, ``mlx8``, ``fp16``, ``bf16``, ``fp32``.
+        Resident codec: ``q4`` (MLX affine 4-bit), ``turbo4`` (rotation + 4-bit Lloyd-Max), ``q4_0``, ``q8_0``,
+        ``mlx8``, ``fp16``, ``bf16``, ``fp32``.
     block_tokens
         Tokens per block (the unit of allocation and of prefix sharing).
     store
